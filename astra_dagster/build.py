@@ -1,0 +1,84 @@
+"""Running tasks from Python, as Astra's ``astra.build(tasks)`` did: each task goes through Dagster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from astra_dagster.lineage.config import AstraConfig
+
+TASK_FAMILY_KEY = "astra/task_family"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    task_id: str
+    success: bool
+    run_id: str
+    metadata: dict[str, Any]
+
+
+def load_definitions() -> dg.Definitions:
+    from astra_dagster.definitions import defs
+
+    return defs
+
+
+def asset_for_family(defs: dg.Definitions, family: str) -> dg.AssetsDefinition:
+    """The asset whose tasks belong to ``family`` (from its ``astra/task_family`` metadata)."""
+    for assets_def in defs.assets or []:
+        if not isinstance(assets_def, dg.AssetsDefinition):
+            continue
+        for key in assets_def.keys:
+            if assets_def.metadata_by_key.get(key, {}).get(TASK_FAMILY_KEY) == family:
+                return assets_def
+    raise KeyError(f"no asset runs tasks of family {family!r}")
+
+
+def config_run_config(assets_def: dg.AssetsDefinition, config: AstraConfig) -> dict[str, Any]:
+    return {"ops": {assets_def.node_def.name: {"config": config.model_dump()}}}
+
+
+def materialize_task(
+    config: AstraConfig,
+    *,
+    instance: dg.DagsterInstance | None = None,
+    partition_key: str | None = None,
+    defs: dg.Definitions | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Materialise the asset of ``config``'s family with these parameters, in this process."""
+    from astra_dagster.instance import get_instance
+
+    defs = defs or load_definitions()
+    target = asset_for_family(defs, config.task_family)
+    all_assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
+    return dg.materialize(
+        all_assets,
+        selection=list(target.keys),
+        instance=instance or get_instance(),
+        resources=defs.resources,
+        run_config=config_run_config(target, config),
+        partition_key=partition_key,
+        raise_on_error=False,
+    )
+
+
+def build(tasks: Sequence[AstraConfig], *, instance: dg.DagsterInstance | None = None) -> list[BuildResult]:
+    """Run each task (one Dagster run per task); identical tasks that succeeded are skipped."""
+    from astra_dagster.instance import get_instance
+
+    instance = instance or get_instance()
+    defs = load_definitions()
+    results = []
+    for config in tasks:
+        outcome = materialize_task(config, instance=instance, defs=defs)
+        events = outcome.get_asset_materialization_events()
+        metadata = {k: v.value for k, v in events[0].materialization.metadata.items()} if events else {}
+        results.append(BuildResult(
+            task_id=config.identity().task_id, success=outcome.success,
+            run_id=outcome.run_id, metadata=metadata,
+        ))
+    return results

@@ -1,0 +1,233 @@
+"""The ``astra`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from astra_dagster.settings import get_settings
+
+EXIT_ERROR = 1
+EXIT_UNKNOWN = 2
+
+
+class AstraCliError(click.ClickException):
+    """A one-line failure with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"astra: {self.format_message()}", err=True)
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Turn expected failures into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from astra_dagster.db.connection import DatabaseUnavailableError
+        from astra_dagster.lineage.recreate import UnknownTaskError
+
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except UnknownTaskError as exc:
+            raise AstraCliError(_one_line(exc), EXIT_UNKNOWN) from exc
+        except (DatabaseUnavailableError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
+            raise AstraCliError(_one_line(exc)) from exc
+
+    return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    # KeyError's str() adds quotes around its message; args[0] is the message itself.
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@click.group()
+@click.version_option(package_name="astra_dagster")
+def main() -> None:
+    """Astra on Dagster: stellar-spectra analyses with task lineage in PostgreSQL."""
+
+
+# ---------------------------------------------------------------------------- init / db
+
+
+def initialise(echo: bool = True) -> None:
+    """Database, schema, Dagster's dagster.yaml and Dagster's own tables."""
+    from astra_dagster.db.connection import database_url, mask_password
+    from astra_dagster.db.schema import ensure_schema, schema_version
+    from astra_dagster.instance import get_instance, write_dagster_yaml
+
+    settings = get_settings()
+    url = database_url(settings)
+    ensure_schema(url)
+    path = write_dagster_yaml(settings)
+    get_instance(settings).dispose()  # creates Dagster's tables on first use
+    if echo:
+        click.echo(f"database     {mask_password(url)} (schema astra, version {schema_version()})")
+        click.echo(f"dagster.yaml {path}")
+
+
+@main.command()
+@one_line_errors
+def init() -> None:
+    """Create or upgrade the schema and write Dagster's dagster.yaml (safe to repeat)."""
+    initialise()
+    home = get_settings().dagster_home
+    click.echo(f"Use plain dagster commands with: export DAGSTER_HOME={home}")
+
+
+@main.group()
+def db() -> None:
+    """The Astra database."""
+
+
+@db.command("url")
+@one_line_errors
+def db_url() -> None:
+    """Print the database URL (psql accepts it)."""
+    from astra_dagster.db.connection import database_url
+
+    click.echo(database_url())
+
+
+@db.command("stop")
+@one_line_errors
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL server (it restarts on demand)."""
+    from astra_dagster.db.connection import close_pools
+    from astra_dagster.db.embedded import stop_server
+
+    settings = get_settings()
+    if settings.database_url:
+        raise AstraCliError("ASTRA_DATABASE_URL is set: there is no embedded server to stop")
+    close_pools()
+    stopped = stop_server(settings.astra_home)
+    click.echo("stopped" if stopped else "not running")
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+@main.group()
+def task() -> None:
+    """Inspect and re-run tasks."""
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, list):
+        shown = ", ".join(_format_value(v) for v in value[:12])
+        return f"[{shown}{', ...' if len(value) > 12 else ''}] ({len(value)})"
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    return str(value)
+
+
+@task.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def task_show(ref: str, as_json: bool) -> None:
+    """Show a task (by task_id or pk): parameters, status, duration, output."""
+    from astra_dagster.db.connection import connect
+    from astra_dagster.lineage.recreate import find_task
+
+    with connect() as conn:
+        record = find_task(conn, ref)
+    if as_json:
+        payload = {k: v for k, v in vars(record).items()}
+        payload["family"] = record.family
+        click.echo(json.dumps(payload, default=str))
+        return
+    duration = "-" if record.duration is None else f"{record.duration:.6g} s"
+    lines = [
+        f"task_id     {record.task_id}   (pk {record.pk})",
+        f"module      {record.task_module}",
+        f"family      {record.family}",
+        f"status      {record.status_code} ({record.status_name})",
+        f"duration    {duration}",
+        f"created     {record.created:%Y-%m-%d %H:%M:%S}   modified {record.modified:%Y-%m-%d %H:%M:%S}",
+    ]
+    if record.asset_key:
+        lines.append(f"asset       {record.asset_key}   run {record.run_id}")
+    if record.error:
+        lines.append(f"error       {record.error}")
+    lines.append("parameters")
+    lines += [f"  {k} = {v}" for k, v in record.parameters.items()]
+    if record.output is not None:
+        lines.append(f"output      {record.output_table} (output_pk {record.output_pk})")
+        lines += [f"  {k} = {_format_value(v)}" for k, v in record.output.items() if k != "output_pk"]
+    else:
+        lines.append("output      none")
+    if record.batch:
+        b = record.batch
+        lines.append(
+            f"batch       {b['n_sources']} sources ({b['partition_first']}...{b['partition_last']}): "
+            f"{b['n_computed']} computed, {b['n_skipped']} skipped, {b['n_failed']} failed"
+        )
+    for parent in record.parent_task_ids:
+        lines.append(f"in batch    {parent}")
+    click.echo("\n".join(lines))
+
+
+@task.command("rerun")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Recompute even though the task already succeeded.")
+@one_line_errors
+def task_rerun(ref: str, force: bool) -> None:
+    """Re-create a task from its parameter rows and run it again through Dagster."""
+    from astra_dagster.lineage.rerun import rerun_task
+
+    report = rerun_task(ref, force=force)
+    click.echo(report.summary())
+    if not report.success:
+        raise AstraCliError(f"re-run of {report.task_id} failed (Dagster run {report.run_id})")
+
+
+# ---------------------------------------------------------------------------- demo / ui
+
+
+@main.command()
+@one_line_errors
+def demo() -> None:
+    """Run the main job end to end on the embedded database and print what it did."""
+    from astra_dagster.demo import run_demo
+
+    initialise()
+    run_demo(click.echo)
+
+
+@main.command()
+@click.option("--port", default=3000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@one_line_errors
+def ui(port: int, host: str) -> None:
+    """Start Dagster's web UI and daemon (``dagster dev``) on the Astra instance."""
+    initialise(echo=False)
+    settings = get_settings()
+    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or shutil.which("dagster")
+    if dagster is None:
+        raise AstraCliError("the dagster command is not installed in this environment")
+    env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home)}
+    target = ["-w", str(workspace)] if workspace.exists() else ["-m", "astra_dagster.definitions"]
+    click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={settings.dagster_home})")
+    raise SystemExit(subprocess.call([dagster, "dev", *target, "-h", host, "-p", str(port)], env=env))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Every write to the task tables happens here, in bulk.
+
+Statements are set-based (``unnest`` arrays, ``= ANY(%s)``, ``COPY``): the number of round trips
+per batch is constant, never one per task or per row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from astra_dagster.lineage.identity import TaskIdentity
+
+STATUS_CREATED = 0
+STATUS_SUCCESS = 1
+STATUS_FAILURE = 30
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    pk: int
+    task_hash: str
+    status_code: int
+    output_pk: int | None
+
+
+@dataclass
+class Outcome:
+    """What happened to one task in this run (written by :func:`finish_tasks`)."""
+
+    task_pk: int
+    status_code: int  # STATUS_SUCCESS or STATUS_FAILURE
+    duration: float
+    error: str | None = None
+    result: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class FinishReport:
+    written: int  # results written by this call
+    failed: int  # failures recorded by this call
+    already_done: int  # finished concurrently by another process: nothing written
+
+
+def qualified_table(table: str) -> tuple[str, str]:
+    schema, _, name = table.rpartition(".")
+    return (schema or "astra"), name
+
+
+# ---------------------------------------------------------------------------- reads
+
+
+def find_succeeded(conn: psycopg.Connection, module: str, hashes: Sequence[str]) -> dict[str, TaskRow]:
+    """Tasks among ``hashes`` that already succeeded (one query)."""
+    if not hashes:
+        return {}
+    rows = conn.execute(
+        "select pk, task_hash, status_code, output_pk from astra.task "
+        "where task_module = %s and task_hash = any(%s) and status_code = %s",
+        (module, list(hashes), STATUS_SUCCESS),
+    ).fetchall()
+    return {r[1]: TaskRow(*r) for r in rows}
+
+
+def find_task(conn: psycopg.Connection, module: str, task_hash: str) -> TaskRow | None:
+    row = conn.execute(
+        "select pk, task_hash, status_code, output_pk from astra.task "
+        "where task_module = %s and task_hash = %s",
+        (module, task_hash),
+    ).fetchone()
+    return TaskRow(*row) if row else None
+
+
+# ---------------------------------------------------------------------------- task creation
+
+
+def create_tasks(
+    conn: psycopg.Connection,
+    identities: Sequence[TaskIdentity],
+    *,
+    source_pks: Sequence[int | None] | None = None,
+    asset_key: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, TaskRow]:
+    """Get-or-create task rows (status 0) with their parameter rows and links.
+
+    Returns task_hash → row for every identity (existing tasks keep their status and output).
+    """
+    if not identities:
+        return {}
+    if source_pks is None:
+        source_pks = [None] * len(identities)
+    # One row per task even if the caller repeats one: ON CONFLICT may touch a row only once.
+    unique: dict[str, tuple[TaskIdentity, int | None]] = {}
+    for ident, spk in zip(identities, source_pks, strict=True):
+        unique.setdefault(ident.task_hash, (ident, spk))
+    ordered = sorted(unique.values(), key=lambda pair: pair[0].task_hash)  # stable lock order
+
+    param_pks = _get_or_create_parameters(conn, (i.params.items() for i, _ in ordered))
+
+    rows = conn.execute(
+        """
+        insert into astra.task as t (task_module, task_id, task_hash, source_pk, asset_key, run_id)
+        select * from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
+        on conflict (task_module, task_hash) do update
+            set modified = now(), run_id = coalesce(excluded.run_id, t.run_id)
+        returning pk, task_hash, status_code, output_pk
+        """,
+        (
+            [i.module for i, _ in ordered],
+            [i.task_id for i, _ in ordered],
+            [i.task_hash for i, _ in ordered],
+            [s for _, s in ordered],
+            [asset_key] * len(ordered),
+            [run_id] * len(ordered),
+        ),
+    ).fetchall()
+    tasks = {r[1]: TaskRow(*r) for r in rows}
+
+    link_tasks: list[int] = []
+    link_params: list[int] = []
+    for ident, _ in ordered:
+        task_pk = tasks[ident.task_hash].pk
+        for pair in ident.params.items():
+            link_tasks.append(task_pk)
+            link_params.append(param_pks[pair])
+    conn.execute(
+        "insert into astra.task_parameter (task_pk, parameter_pk) "
+        "select * from unnest(%s::bigint[], %s::bigint[]) on conflict do nothing",
+        (link_tasks, link_params),
+    )
+    return tasks
+
+
+def _get_or_create_parameters(
+    conn: psycopg.Connection, pairs_per_task: Iterable[Iterable[tuple[str, str]]]
+) -> dict[tuple[str, str], int]:
+    pairs = sorted({pair for pairs in pairs_per_task for pair in pairs})
+    names = [n for n, _ in pairs]
+    values = [v for _, v in pairs]
+    conn.execute(
+        "insert into astra.parameter (parameter_name, parameter_value) "
+        "select * from unnest(%s::text[], %s::text[]) on conflict do nothing",
+        (names, values),
+    )
+    rows = conn.execute(
+        """
+        select p.pk, p.parameter_name, p.parameter_value
+        from unnest(%s::text[], %s::text[]) as u(name, value)
+        join astra.parameter p
+          on p.parameter_name = u.name and md5(p.parameter_value) = md5(u.value)
+         and p.parameter_value = u.value
+        """,
+        (names, values),
+    ).fetchall()
+    found = {(r[1], r[2]): r[0] for r in rows}
+    missing = [p for p in pairs if p not in found]
+    if missing:  # cannot happen unless rows are deleted concurrently; fail loudly
+        raise RuntimeError(f"parameter rows vanished while linking: {missing[:3]}")
+    return found
+
+
+def link_batch(conn: psycopg.Connection, parent_pk: int, child_pks: Sequence[int]) -> None:
+    if not child_pks:
+        return
+    conn.execute(
+        "insert into astra.batch_interface (parent_task_pk, child_task_pk) "
+        "select %s, c from unnest(%s::bigint[]) as c on conflict do nothing",
+        (parent_pk, list(child_pks)),
+    )
+
+
+# ---------------------------------------------------------------------------- finishing
+
+
+_columns_cache: dict[tuple[str, str, str], list[str]] = {}
+_columns_lock = threading.Lock()
+
+
+def table_columns(conn: psycopg.Connection, table: str) -> list[str]:
+    schema, name = qualified_table(table)
+    key = (conn.info.dsn, schema, name)
+    with _columns_lock:
+        if key not in _columns_cache:
+            rows = conn.execute(
+                "select column_name from information_schema.columns "
+                "where table_schema = %s and table_name = %s order by ordinal_position",
+                (schema, name),
+            ).fetchall()
+            if not rows:
+                raise ValueError(f"result table {schema}.{name} does not exist")
+            _columns_cache[key] = [r[0] for r in rows]
+        return _columns_cache[key]
+
+
+def _to_db(value: Any) -> Any:
+    """numpy → plain Python for COPY (NaN stays NaN: real[] holds it)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_to_db(v) for v in value]
+    return value
+
+
+def finish_tasks(
+    conn: psycopg.Connection,
+    table: str,
+    outcomes: Sequence[Outcome],
+    *,
+    force: bool = False,
+) -> FinishReport:
+    """Write results and final status of ``outcomes`` in the caller's transaction.
+
+    Task rows are locked first (in pk order), so when two processes finish the same task only
+    the first writes a result; the second finds it succeeded and writes nothing. With
+    ``force`` a succeeded task gets a new output and its old result row is deleted.
+    """
+    if not outcomes:
+        return FinishReport(0, 0, 0)
+    by_pk = {o.task_pk: o for o in outcomes}
+    locked = conn.execute(
+        "select pk, status_code, output_pk from astra.task where pk = any(%s) order by pk for update",
+        (sorted(by_pk),),
+    ).fetchall()
+    if len(locked) != len(by_pk):
+        raise RuntimeError(f"{len(by_pk) - len(locked)} task rows disappeared before finishing")
+
+    to_write: list[Outcome] = []
+    to_fail: list[Outcome] = []
+    old_outputs: list[int] = []
+    already_done = 0
+    for pk, status, output_pk in locked:
+        outcome = by_pk[pk]
+        done = status == STATUS_SUCCESS
+        if outcome.status_code == STATUS_SUCCESS:
+            if done and not force:
+                already_done += 1
+                continue
+            to_write.append(outcome)
+            if output_pk is not None:
+                old_outputs.append(output_pk)
+        elif done:
+            already_done += 1  # a failure here never overwrites a success elsewhere
+        else:
+            to_fail.append(outcome)
+
+    new_outputs: list[int] = []
+    if to_write:
+        new_outputs = [
+            r[0]
+            for r in conn.execute(
+                "insert into astra.output_interface (pk) "
+                "select nextval(pg_get_serial_sequence('astra.output_interface', 'pk')) "
+                "from generate_series(1, %s) returning pk",
+                (len(to_write),),
+            ).fetchall()
+        ]
+        _copy_results(conn, table, to_write, new_outputs)
+
+    updates = [(o, out) for o, out in zip(to_write, new_outputs, strict=True)]
+    updates += [(o, None) for o in to_fail]
+    if updates:
+        conn.execute(
+            """
+            update astra.task t
+               set status_code = u.status, duration = u.duration, error = u.error,
+                   output_pk = coalesce(u.output_pk, t.output_pk), modified = now()
+              from unnest(%s::bigint[], %s::int[], %s::real[], %s::text[], %s::bigint[])
+                   as u(pk, status, duration, error, output_pk)
+             where t.pk = u.pk
+            """,
+            (
+                [o.task_pk for o, _ in updates],
+                [o.status_code for o, _ in updates],
+                [float(o.duration) for o, _ in updates],
+                [o.error for o, _ in updates],
+                [out for _, out in updates],
+            ),
+        )
+    if old_outputs:
+        schema, name = qualified_table(table)
+        conn.execute(
+            sql.SQL("delete from {}.{} where output_pk = any(%s)").format(
+                sql.Identifier(schema), sql.Identifier(name)
+            ),
+            (old_outputs,),
+        )
+        conn.execute("delete from astra.output_interface where pk = any(%s)", (old_outputs,))
+    return FinishReport(written=len(to_write), failed=len(to_fail), already_done=already_done)
+
+
+def _copy_results(
+    conn: psycopg.Connection, table: str, outcomes: Sequence[Outcome], output_pks: Sequence[int]
+) -> None:
+    columns = [c for c in table_columns(conn, table) if c != "output_pk"]
+    known = set(columns)
+    used: list[str] = []
+    for o in outcomes:
+        for name in o.result or {}:
+            if name not in known:
+                raise ValueError(f"result column {name!r} is not a column of {table}")
+            if name not in used:
+                used.append(name)
+    schema, name = qualified_table(table)
+    statement = sql.SQL("copy {}.{} ({}) from stdin").format(
+        sql.Identifier(schema),
+        sql.Identifier(name),
+        sql.SQL(", ").join(sql.Identifier(c) for c in ["output_pk", *used]),
+    )
+    with conn.cursor().copy(statement) as copy:
+        for o, out in zip(outcomes, output_pks, strict=True):
+            result = o.result or {}
+            copy.write_row([out, *(_to_db(result.get(c)) for c in used)])
+
+
+def fail_task(conn: psycopg.Connection, task_pk: int, error: str, duration: float | None) -> None:
+    """Mark one task failed (a batch parent whose step crashed)."""
+    conn.execute(
+        "update astra.task set status_code = %s, error = %s, duration = %s, modified = now() "
+        "where pk = %s",
+        (STATUS_FAILURE, error, duration, task_pk),
+    )
+
+
+def finish_parent(
+    conn: psycopg.Connection,
+    parent_pk: int,
+    duration: float,
+    *,
+    partition_first: str | None,
+    partition_last: str | None,
+    n_sources: int,
+    n_computed: int,
+    n_skipped: int,
+    n_failed: int,
+) -> None:
+    """Close a batch parent: status, the whole step's duration and the per-batch counts."""
+    error = f"{n_failed} of {n_computed + n_failed} sources failed" if n_failed else None
+    conn.execute(
+        "update astra.task set status_code = %s, duration = %s, error = %s, modified = now() "
+        "where pk = %s",
+        (STATUS_SUCCESS, duration, error, parent_pk),
+    )
+    conn.execute(
+        """
+        insert into astra.batch as b (task_pk, partition_first, partition_last, n_sources,
+                                      n_computed, n_skipped, n_failed)
+        values (%s, %s, %s, %s, %s, %s, %s)
+        on conflict (task_pk) do update set
+            partition_first = excluded.partition_first, partition_last = excluded.partition_last,
+            n_sources = excluded.n_sources, n_computed = excluded.n_computed,
+            n_skipped = excluded.n_skipped, n_failed = excluded.n_failed
+        """,
+        (parent_pk, partition_first, partition_last, n_sources, n_computed, n_skipped, n_failed),
+    )

@@ -1,0 +1,49 @@
+"""Deployment settings, read from the environment every time (so tests can change them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from astra_dagster import __version__
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Root of everything local: the embedded database, Dagster's home, models, caches.
+    astra_home: Path
+    #: ``ASTRA_DATABASE_URL`` when set; None means "use the embedded server under astra_home".
+    database_url: str | None
+    #: ``DAGSTER_HOME`` when set, else ``astra_home/dagster``.
+    dagster_home: Path
+    #: How many consecutive sources one partition key covers (``ASTRA_SOURCES_PER_PARTITION``).
+    sources_per_partition: int
+    #: Folder of data releases watched by the release sensor (``ASTRA_DATA_ROOT``).
+    data_root: Path | None
+
+
+def get_settings() -> Settings:
+    astra_home = Path(os.environ.get("ASTRA_HOME") or Path.home() / ".astra").expanduser()
+    dagster_home = os.environ.get("DAGSTER_HOME")
+    data_root = os.environ.get("ASTRA_DATA_ROOT")
+    raw_block = os.environ.get("ASTRA_SOURCES_PER_PARTITION", "100")
+    try:
+        block = int(raw_block)
+    except ValueError:
+        raise ValueError(f"ASTRA_SOURCES_PER_PARTITION must be an integer, got {raw_block!r}") from None
+    if block < 1:
+        raise ValueError(f"ASTRA_SOURCES_PER_PARTITION must be >= 1, got {block}")
+    return Settings(
+        astra_home=astra_home,
+        database_url=os.environ.get("ASTRA_DATABASE_URL") or None,
+        dagster_home=Path(dagster_home).expanduser() if dagster_home else astra_home / "dagster",
+        sources_per_partition=block,
+        data_root=Path(data_root).expanduser() if data_root else None,
+    )
+
+
+def version_parts(version: str = __version__) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``0.1.0`` or ``1.2.3.dev4``."""
+    parts = version.split(".")
+    return int(parts[0]), int(parts[1])

@@ -1,0 +1,213 @@
+-- The Astra database schema (PostgreSQL), schema "astra".
+--
+--   psql "$(astra db url)" < sql/astradb.sql
+--
+-- Loading it again is safe: every statement creates only what is missing and nothing is ever
+-- dropped, so it doubles as the upgrade script (`astra init` runs it).
+--
+-- The lineage tables follow Astra's original design (task, parameter, task_parameter,
+-- output_interface, batch_interface, one table per method keyed by output_pk). Additions are
+-- marked "added:" with the reason.
+
+set client_min_messages = warning;
+
+create schema if not exists astra;
+
+create table if not exists astra.schema_version (
+    version text primary key,
+    applied timestamp not null default now()
+);
+
+-- Every output row of every method table has one pk here, so a task can point at its output
+-- without naming the table that holds it.
+create table if not exists astra.output_interface (
+    pk bigserial primary key
+);
+
+-- added: sources (stars). Tasks that work on one source point at it; partitions of the
+-- per-source assets are blocks of consecutive pk.
+create table if not exists astra.source (
+    pk bigserial primary key,
+    source_id text not null unique,
+    created timestamp not null default now()
+);
+
+create table if not exists astra.task (
+    pk bigserial primary key,
+    task_module text not null,
+    -- Human-facing id "<Namespace>.<Family>_<first 8 hex of md5(params)>", as in Astra/luigi.
+    task_id text not null,
+    status_code int not null default 0,  -- 0 created, 1 success, 30 failure
+    output_pk bigint references astra.output_interface(pk) on delete cascade,
+    duration real,                       -- seconds of the task's own compute
+    created timestamp not null default now(),
+    modified timestamp not null default now(),
+    -- added: 8 hex digits collide at survey scale, so the real key is a full sha256 of the
+    -- family and the same canonical parameters (unique with task_module).
+    task_hash text not null,
+    -- added: why the task failed (status 30).
+    error text,
+    -- added: the source a per-source task worked on, the Dagster asset and run that ran it.
+    source_pk bigint references astra.source(pk) on delete restrict,
+    asset_key text,
+    run_id text
+);
+create unique index if not exists task_module_task_hash_key on astra.task (task_module, task_hash);
+create index if not exists task_task_id_idx on astra.task (task_id);
+create index if not exists task_output_pk_idx on astra.task (output_pk);
+create index if not exists task_source_asset_idx on astra.task (source_pk, asset_key)
+    where source_pk is not null;
+
+create table if not exists astra.parameter (
+    pk bigserial primary key,
+    parameter_name text not null,
+    parameter_value text not null
+);
+-- Unique (name, value) pairs; md5 keeps the index small and allows values of any length.
+create unique index if not exists parameter_name_value_key
+    on astra.parameter (parameter_name, md5(parameter_value));
+
+create table if not exists astra.task_parameter (
+    pk bigserial primary key,
+    task_pk bigint not null references astra.task(pk) on delete restrict,
+    parameter_pk bigint not null references astra.parameter(pk) on delete restrict,
+    unique (task_pk, parameter_pk)
+);
+create index if not exists task_parameter_parameter_pk_idx on astra.task_parameter (parameter_pk);
+
+-- A batch (one Dagster run step over a block of sources) is a parent task; each source's task is
+-- a child. Parent duration minus the sum of its children's durations is the batch overhead.
+create table if not exists astra.batch_interface (
+    pk bigserial primary key,
+    parent_task_pk bigint not null references astra.task(pk) on delete restrict,
+    child_task_pk bigint not null references astra.task(pk) on delete restrict,
+    unique (parent_task_pk, child_task_pk)
+);
+create index if not exists batch_interface_child_task_pk_idx on astra.batch_interface (child_task_pk);
+
+-- added: what a batch did with its block: how many sources it computed, skipped (already done
+-- by an identical task) and failed.
+create table if not exists astra.batch (
+    task_pk bigint primary key references astra.task(pk) on delete cascade,
+    partition_first text,
+    partition_last text,
+    n_sources int not null,
+    n_computed int not null,
+    n_skipped int not null,
+    n_failed int not null
+);
+
+-- Method tables: one row per task output, one array element per spectrum of the source
+-- (stacks first, then visits, as in the apStar file).
+
+create table if not exists astra.random_number_generator (
+    output_pk int primary key,
+    samples real[],
+    foreign key (output_pk) references astra.output_interface(pk) on delete restrict
+);
+
+create table if not exists astra.doppler (
+    output_pk int primary key references astra.output_interface(pk) on delete restrict,
+    vhelio real[],
+    vrel real[],
+    -- The original declared u_vrel as a scalar next to per-visit arrays; one per visit here.
+    u_vrel real[],
+    teff real[],
+    u_teff real[],
+    logg real[],
+    u_logg real[],
+    fe_h real[],
+    u_fe_h real[],
+    chisq real[],
+    bc real[]
+);
+
+create table if not exists astra.apogeenet (
+    output_pk int primary key references astra.output_interface(pk) on delete restrict,
+    snr real[],
+    teff real[],
+    u_teff real[],
+    logg real[],
+    u_logg real[],
+    fe_h real[],
+    u_fe_h real[],
+    bitmask_flag int[]
+);
+
+create table if not exists astra.ferre (
+    output_pk int primary key references astra.output_interface(pk) on delete restrict,
+    snr real[],
+    frozen_teff boolean,
+    frozen_logg boolean,
+    frozen_metals boolean,
+    frozen_log10vdop boolean,
+    frozen_o_mg_si_s_ca_ti boolean,
+    frozen_lgvsini boolean,
+    frozen_c boolean,
+    frozen_n boolean,
+    initial_teff real[],
+    initial_logg real[],
+    initial_metals real[],
+    initial_log10vdop real[],
+    initial_o_mg_si_s_ca_ti real[],
+    initial_lgvsini real[],
+    initial_c real[],
+    initial_n real[],
+    teff real[],
+    u_teff real[],
+    logg real[],
+    u_logg real[],
+    metals real[],
+    u_metals real[],
+    log10vdop real[],
+    u_log10vdop real[],
+    o_mg_si_s_ca_ti real[],
+    u_o_mg_si_s_ca_ti real[],
+    lgvsini real[],
+    u_lgvsini real[],
+    c real[],
+    u_c real[],
+    n real[],
+    u_n real[],
+    log_chisq_fit real[],
+    log_snr_sq real[],
+    bitmask_flag int[]
+);
+
+create table if not exists astra.thecannon (
+    output_pk int primary key references astra.output_interface(pk) on delete restrict,
+    teff real
+);
+
+create table if not exists astra.thepayne (
+    output_pk int primary key references astra.output_interface(pk) on delete restrict,
+    snr real[],
+    teff real[], u_teff real[],
+    logg real[], u_logg real[],
+    v_turb real[], u_v_turb real[],
+    c_h real[], u_c_h real[],
+    n_h real[], u_n_h real[],
+    o_h real[], u_o_h real[],
+    na_h real[], u_na_h real[],
+    mg_h real[], u_mg_h real[],
+    al_h real[], u_al_h real[],
+    si_h real[], u_si_h real[],
+    p_h real[], u_p_h real[],
+    s_h real[], u_s_h real[],
+    k_h real[], u_k_h real[],
+    ca_h real[], u_ca_h real[],
+    ti_h real[], u_ti_h real[],
+    v_h real[], u_v_h real[],
+    cr_h real[], u_cr_h real[],
+    mn_h real[], u_mn_h real[],
+    fe_h real[], u_fe_h real[],
+    co_h real[], u_co_h real[],
+    ni_h real[], u_ni_h real[],
+    cu_h real[], u_cu_h real[],
+    ge_h real[], u_ge_h real[],
+    c12_c13 real[], u_c12_c13 real[],
+    v_macro real[], u_v_macro real[],
+    bitmask_flag int[]
+);
+
+insert into astra.schema_version (version) values ('1') on conflict do nothing;
