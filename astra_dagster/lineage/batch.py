@@ -57,11 +57,11 @@ class TaskBatch:
     task_ids: list[str] = field(default_factory=list)
 
 
-def _item_identity(config: AstraConfig, item: TaskItem) -> TaskIdentity:
+def _item_params(item: TaskItem) -> dict[str, Any]:
     extra = dict(item.params)
     if item.source_id is not None:
         extra["source_id"] = item.source_id
-    return config.identity(extra)
+    return extra
 
 
 def run_tasks(
@@ -88,7 +88,7 @@ def run_tasks(
     only = set(getattr(config, "only_sources", None) or [])
     if only:
         items = [it for it in items if it.source_id in only]
-    identities = [_item_identity(config, it) for it in items]
+    identities = config.identities([_item_params(it) for it in items])
     module, family = config.task_module(), config.task_family
     asset_key = context.asset_key.to_user_string() if _has_asset(context) else None
     first, last = partition_range or (None, None)
@@ -130,9 +130,10 @@ def run_tasks(
             run_id=context.run_id,
         )
         if parent is not None:
-            result.parent_pk = rows[parent.task_hash].pk
+            parent_row = rows[parent.task_hash]
+            result.parent_pk = parent_row.pk
             result.parent_task_id = parent.task_id
-            store.link_batch(conn, result.parent_pk, [rows[i.task_hash].pk for i in run_identities])
+            store.link_batch(conn, parent_row, [rows[i.task_hash].pk for i in run_identities])
     if not batch and len(items) == 1:
         result.single_task = (rows[identities[0].task_hash].pk, identities[0].task_id)
 

@@ -12,7 +12,7 @@ import importlib
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import dagster as dg
@@ -77,6 +77,12 @@ class AstraConfig(dg.Config):
                 raise ValueError(f"extra task parameters shadow config fields: {sorted(clash)}")
             params.update(extra)
         return TaskIdentity.build(self.task_module(), self.task_family, params)
+
+    def identities(self, extras: Sequence[Mapping[str, Any]]) -> list[TaskIdentity]:
+        """Identities of many tasks with these parameters plus per-task extras (fast path)."""
+        return TaskIdentity.build_many(
+            self.task_module(), self.task_family, self.significant_params(), extras
+        )
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> tuple[AstraConfig, dict[str, str]]:

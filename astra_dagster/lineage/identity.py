@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,13 +77,33 @@ class TaskIdentity:
 
     @classmethod
     def build(cls, module: str, family: str, params: Mapping[str, Any]) -> TaskIdentity:
-        strings = {str(k): serialize_parameter(v) for k, v in params.items()}
+        return cls._from_strings(module, family, {str(k): serialize_parameter(v) for k, v in params.items()})
+
+    @classmethod
+    def build_many(
+        cls, module: str, family: str, shared: Mapping[str, Any], per_task: Sequence[Mapping[str, Any]]
+    ) -> list[TaskIdentity]:
+        """Identities of many tasks sharing most parameters (serialises the shared ones once)."""
+        common = {str(k): serialize_parameter(v) for k, v in shared.items()}
+        identities = []
+        for extra in per_task:
+            strings = dict(common)
+            for key, value in extra.items():
+                if key in common:
+                    raise ValueError(f"per-task parameter {key!r} shadows a shared parameter")
+                strings[str(key)] = serialize_parameter(value)
+            identities.append(cls._from_strings(module, family, strings))
+        return identities
+
+    @classmethod
+    def _from_strings(cls, module: str, family: str, strings: dict[str, str]) -> TaskIdentity:
+        canonical = canonical_json(strings).encode("utf-8")
         return cls(
             module=module,
             family=family,
             params=strings,
-            task_id=make_task_id(family, strings),
-            task_hash=full_hash(family, strings),
+            task_id=f"{family}_{hashlib.md5(canonical).hexdigest()[:8]}",
+            task_hash=hashlib.sha256(family.encode("utf-8") + b"\n" + canonical).hexdigest(),
         )
 
 

@@ -28,6 +28,8 @@ class TaskRow:
     task_hash: str
     status_code: int
     output_pk: int | None
+    #: True when the row was inserted by the statement that returned it (a brand-new task).
+    created: bool = False
 
 
 @dataclass
@@ -80,6 +82,26 @@ def find_task(conn: psycopg.Connection, module: str, task_hash: str) -> TaskRow 
 # ---------------------------------------------------------------------------- task creation
 
 
+def _staging(conn: psycopg.Connection) -> None:
+    """Per-session temp tables that bulk statements COPY into (emptied at every commit)."""
+    conn.execute(
+        "create temp table if not exists _astra_stage_parameter (name text, value text) "
+        "on commit delete rows;"
+        "create temp table if not exists _astra_stage_task (task_module text, task_id text, "
+        "task_hash text, source_pk bigint) on commit delete rows"
+    )
+    conn.execute("truncate _astra_stage_parameter, _astra_stage_task")
+
+
+def _copy_rows(
+    conn: psycopg.Connection, statement: str, types: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    with conn.cursor().copy(statement) as copy:
+        copy.set_types(list(types))
+        for row in rows:
+            copy.write_row(row)
+
+
 def create_tasks(
     conn: psycopg.Connection,
     identities: Sequence[TaskIdentity],
@@ -102,39 +124,39 @@ def create_tasks(
         unique.setdefault(ident.task_hash, (ident, spk))
     ordered = sorted(unique.values(), key=lambda pair: pair[0].task_hash)  # stable lock order
 
+    _staging(conn)
     param_pks = _get_or_create_parameters(conn, (i.params.items() for i, _ in ordered))
-
+    _copy_rows(conn, "copy _astra_stage_task from stdin (format binary)", ["text", "text", "text", "int8"],
+               ((i.module, i.task_id, i.task_hash, spk) for i, spk in ordered))
+    # xmax = 0 marks rows this statement inserted (as opposed to existing rows it updated).
     rows = conn.execute(
         """
         insert into astra.task as t (task_module, task_id, task_hash, source_pk, asset_key, run_id)
-        select * from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
+        select s.task_module, s.task_id, s.task_hash, s.source_pk, %s, %s
+        from _astra_stage_task s order by s.task_hash
         on conflict (task_module, task_hash) do update
             set modified = now(), run_id = coalesce(excluded.run_id, t.run_id)
-        returning pk, task_hash, status_code, output_pk
+        returning pk, task_hash, status_code, output_pk, (xmax = 0) as created
         """,
-        (
-            [i.module for i, _ in ordered],
-            [i.task_id for i, _ in ordered],
-            [i.task_hash for i, _ in ordered],
-            [s for _, s in ordered],
-            [asset_key] * len(ordered),
-            [run_id] * len(ordered),
-        ),
+        (asset_key, run_id),
     ).fetchall()
     tasks = {r[1]: TaskRow(*r) for r in rows}
 
-    link_tasks: list[int] = []
-    link_params: list[int] = []
+    new_links: list[tuple[int, int]] = []
+    old_links: list[tuple[int, int]] = []
     for ident, _ in ordered:
-        task_pk = tasks[ident.task_hash].pk
-        for pair in ident.params.items():
-            link_tasks.append(task_pk)
-            link_params.append(param_pks[pair])
-    conn.execute(
-        "insert into astra.task_parameter (task_pk, parameter_pk) "
-        "select * from unnest(%s::bigint[], %s::bigint[]) on conflict do nothing",
-        (link_tasks, link_params),
-    )
+        row = tasks[ident.task_hash]
+        links = new_links if row.created else old_links
+        links.extend((row.pk, param_pks[pair]) for pair in ident.params.items())
+    if new_links:  # nobody else can have linked a task this statement created
+        _copy_rows(conn, "copy astra.task_parameter (task_pk, parameter_pk) from stdin (format binary)",
+                   ["int8", "int8"], new_links)
+    if old_links:
+        conn.execute(
+            "insert into astra.task_parameter (task_pk, parameter_pk) "
+            "select * from unnest(%s::bigint[], %s::bigint[]) on conflict do nothing",
+            ([t for t, _ in old_links], [p for _, p in old_links]),
+        )
     return tasks
 
 
@@ -142,38 +164,45 @@ def _get_or_create_parameters(
     conn: psycopg.Connection, pairs_per_task: Iterable[Iterable[tuple[str, str]]]
 ) -> dict[tuple[str, str], int]:
     pairs = sorted({pair for pairs in pairs_per_task for pair in pairs})
-    names = [n for n, _ in pairs]
-    values = [v for _, v in pairs]
-    conn.execute(
-        "insert into astra.parameter (parameter_name, parameter_value) "
-        "select * from unnest(%s::text[], %s::text[]) on conflict do nothing",
-        (names, values),
-    )
+    _copy_rows(conn, "copy _astra_stage_parameter from stdin (format binary)", ["text", "text"], pairs)
     rows = conn.execute(
-        """
-        select p.pk, p.parameter_name, p.parameter_value
-        from unnest(%s::text[], %s::text[]) as u(name, value)
-        join astra.parameter p
-          on p.parameter_name = u.name and md5(p.parameter_value) = md5(u.value)
-         and p.parameter_value = u.value
-        """,
-        (names, values),
+        "insert into astra.parameter (parameter_name, parameter_value) "
+        "select name, value from _astra_stage_parameter order by name, value "
+        "on conflict do nothing returning pk, parameter_name, parameter_value"
     ).fetchall()
     found = {(r[1], r[2]): r[0] for r in rows}
+    if len(found) < len(pairs):
+        rows = conn.execute(
+            """
+            select p.pk, p.parameter_name, p.parameter_value
+            from _astra_stage_parameter s
+            join astra.parameter p
+              on p.parameter_name = s.name and md5(p.parameter_value) = md5(s.value)
+             and p.parameter_value = s.value
+            """
+        ).fetchall()
+        found.update({(r[1], r[2]): r[0] for r in rows})
     missing = [p for p in pairs if p not in found]
     if missing:  # cannot happen unless rows are deleted concurrently; fail loudly
         raise RuntimeError(f"parameter rows vanished while linking: {missing[:3]}")
     return found
 
 
-def link_batch(conn: psycopg.Connection, parent_pk: int, child_pks: Sequence[int]) -> None:
+def link_batch(conn: psycopg.Connection, parent: TaskRow, child_pks: Sequence[int]) -> None:
+    """Link children to their batch parent (COPY when the parent is brand new)."""
     if not child_pks:
         return
-    conn.execute(
-        "insert into astra.batch_interface (parent_task_pk, child_task_pk) "
-        "select %s, c from unnest(%s::bigint[]) as c on conflict do nothing",
-        (parent_pk, list(child_pks)),
-    )
+    if parent.created:
+        _copy_rows(
+            conn, "copy astra.batch_interface (parent_task_pk, child_task_pk) from stdin (format binary)",
+            ["int8", "int8"], ((parent.pk, c) for c in child_pks),
+        )
+    else:
+        conn.execute(
+            "insert into astra.batch_interface (parent_task_pk, child_task_pk) "
+            "select %s, c from unnest(%s::bigint[]) as c on conflict do nothing",
+            (parent.pk, list(child_pks)),
+        )
 
 
 # ---------------------------------------------------------------------------- finishing
