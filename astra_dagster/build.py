@@ -38,8 +38,13 @@ def asset_for_family(defs: dg.Definitions, family: str) -> dg.AssetsDefinition:
     raise KeyError(f"no asset runs tasks of family {family!r}")
 
 
-def config_run_config(assets_def: dg.AssetsDefinition, config: AstraConfig) -> dict[str, Any]:
-    return {"ops": {assets_def.node_def.name: {"config": config.model_dump()}}}
+def config_run_config(
+    assets_def: dg.AssetsDefinition, config: AstraConfig, log_level: str | None = None
+) -> dict[str, Any]:
+    run_config: dict[str, Any] = {"ops": {assets_def.node_def.name: {"config": config.model_dump()}}}
+    if log_level:
+        run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    return run_config
 
 
 def materialize_task(
@@ -48,6 +53,7 @@ def materialize_task(
     instance: dg.DagsterInstance | None = None,
     partition_key: str | None = None,
     defs: dg.Definitions | None = None,
+    log_level: str | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Materialise the asset of ``config``'s family with these parameters, in this process."""
     from astra_dagster.instance import get_instance
@@ -60,21 +66,29 @@ def materialize_task(
         selection=list(target.keys),
         instance=instance or get_instance(),
         resources=defs.resources,
-        run_config=config_run_config(target, config),
+        run_config=config_run_config(target, config, log_level),
         partition_key=partition_key,
         raise_on_error=False,
     )
 
 
-def build(tasks: Sequence[AstraConfig], *, instance: dg.DagsterInstance | None = None) -> list[BuildResult]:
-    """Run each task (one Dagster run per task); identical tasks that succeeded are skipped."""
+def build(
+    tasks: Sequence[AstraConfig],
+    *,
+    instance: dg.DagsterInstance | None = None,
+    log_level: str | None = None,
+) -> list[BuildResult]:
+    """Run each task (one Dagster run per task); identical tasks that succeeded are skipped.
+
+    ``log_level`` (e.g. "WARNING") quiets Dagster's console log of each run.
+    """
     from astra_dagster.instance import get_instance
 
     instance = instance or get_instance()
     defs = load_definitions()
     results = []
     for config in tasks:
-        outcome = materialize_task(config, instance=instance, defs=defs)
+        outcome = materialize_task(config, instance=instance, defs=defs, log_level=log_level)
         events = outcome.get_asset_materialization_events()
         metadata = {k: v.value for k, v in events[0].materialization.metadata.items()} if events else {}
         results.append(BuildResult(

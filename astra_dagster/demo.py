@@ -40,7 +40,7 @@ def seed_example(echo: Echo) -> None:
 
     tasks = [RandomNumberGeneratorTask(**kw) for kw in SEED_EXAMPLE]
     echo("The seed's example: four RNG.RandomNumberGeneratorTask tasks through Dagster")
-    results = build(tasks)
+    results = build(tasks, log_level="WARNING")
     for kw, result in zip(SEED_EXAMPLE, results, strict=True):
         done = "computed" if result.metadata.get("astra/computed") else "skipped (identical task succeeded)"
         status = "ok" if result.success else "FAILED"
