@@ -198,6 +198,56 @@ def task_rerun(ref: str, force: bool) -> None:
         raise AstraCliError(f"re-run of {report.task_id} failed (Dagster run {report.run_id})")
 
 
+# ---------------------------------------------------------------------------- backfills
+
+
+@main.command()
+@click.option("--select", "assets", required=True,
+              help="Comma-separated asset keys (all must share the source-block partitions).")
+@click.option("--from", "first", default=None, help="First partition key (default: the first).")
+@click.option("--to", "last", default=None, help="Last partition key (default: the last).")
+@click.option("--partitions", default=None, help="Comma-separated partition keys instead of a range.")
+@click.option("--chunk", type=int, default=None,
+              help="Partitions per backfill (one backfill per chunk; default: all in one).")
+@click.option("--config-json", default=None, help="Run config for the runs, as JSON.")
+@click.option("--url", default="http://127.0.0.1:3000/graphql", show_default=True,
+              help="GraphQL endpoint of the Dagster webserver.")
+@click.option("--wait/--no-wait", default=False, help="Wait for the backfills to finish.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True)
+@one_line_errors
+def backfill(assets: str, first: str | None, last: str | None, partitions: str | None,
+             chunk: int | None, config_json: str | None, url: str, wait: bool, timeout: float) -> None:
+    """Launch policy-aware asset backfills through the webserver (like the UI's Materialize)."""
+    from tqdm import tqdm
+
+    from astra_dagster import backfill as bf
+
+    selected = [a.strip() for a in assets.split(",") if a.strip()]
+    run_config = json.loads(config_json) if config_json else None
+    try:
+        if partitions:
+            keys = [k.strip() for k in partitions.split(",") if k.strip()]
+        else:
+            keys = bf.select_range(bf.partition_keys(url, selected[0]), first, last)
+        launched = bf.launch(url, selected, keys, chunk=chunk, run_config=run_config)
+        for item in launched:
+            click.echo(f"backfill {item.backfill_id}: {len(item.partitions)} partitions "
+                       f"{item.partitions[0]}...{item.partitions[-1]}")
+        if wait:
+            with tqdm(total=len(launched), desc="backfills", unit="backfill") as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.update(done - bar.n)
+
+                status = bf.wait(url, launched, timeout=timeout, on_progress=progress)
+            failed = {k: v for k, v in status.items() if v not in ("COMPLETED", "COMPLETED_SUCCESS")}
+            if failed:
+                raise AstraCliError(f"{len(failed)} backfill(s) did not succeed: "
+                                    + ", ".join(f"{k} {v}" for k, v in failed.items()))
+            click.echo(f"all {len(launched)} backfill(s) completed")
+    except bf.BackfillError as exc:
+        raise AstraCliError(str(exc)) from exc
+
+
 # ---------------------------------------------------------------------------- demo / ui
 
 

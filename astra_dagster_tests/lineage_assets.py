@@ -86,4 +86,7 @@ def squares_plus(context: dg.AssetExecutionContext, config: SquarePlusTask, squa
                      table="astra_test.square_plus", batch=True, partition_range=first_last)
 
 
-defs = dg.Definitions(assets=[squares, squares_plus], resources={"astra_io_manager": AstraIOManager()})
+squares_job = dg.define_asset_job("squares_job", selection=[squares], partitions_def=SOURCE_BLOCKS)
+
+defs = dg.Definitions(assets=[squares, squares_plus], jobs=[squares_job],
+                      resources={"astra_io_manager": AstraIOManager()})

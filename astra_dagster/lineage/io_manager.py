@@ -16,6 +16,8 @@ from astra_dagster.lineage.batch import TaskBatch
 from astra_dagster.lineage.sources import ranges_of
 
 RESULT_TABLE_KEY = "astra/result_table"
+#: Definition metadata: "many" when the result table holds several rows per task.
+RESULT_ROWS_KEY = "astra/result_rows"
 TASK_PK_KEY = "astra/task_pk"
 
 
@@ -84,10 +86,13 @@ class AstraIOManager(dg.ConfigurableIOManager):
                 "the Astra IO manager cannot tell which table holds its results"
             )
         table = getattr(table, "value", table)
+        rows_kind = (upstream.definition_metadata or {}).get(RESULT_ROWS_KEY)
+        many = getattr(rows_kind, "value", rows_kind) == "many"
         asset_key = context.asset_key.to_user_string()
         with connect(self.database_url) as conn:
             if context.has_asset_partitions:
-                return load_partition_results(conn, asset_key, table, context.asset_partition_keys)
+                return load_partition_results(conn, asset_key, table, context.asset_partition_keys,
+                                              many=many)
             event = context.instance.get_latest_materialization_event(context.asset_key)
             meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
             task_pk = meta.get(TASK_PK_KEY)
@@ -115,24 +120,44 @@ def load_task_result(conn: psycopg.Connection, table: str, task_pk: int) -> dict
 
 
 def load_partition_results(
-    conn: psycopg.Connection, asset_key: str, table: str, partition_keys: Any
+    conn: psycopg.Connection, asset_key: str, table: str, partition_keys: Any, *, many: bool = False
 ) -> dict[int, dict[str, Any]]:
-    """source_pk → newest succeeded result of ``asset_key`` for the sources of the blocks."""
+    """source_pk → the newest succeeded result of ``asset_key`` for the sources of the blocks.
+
+    With ``many`` (tables holding several rows per task, e.g. one per spectrum) each value is
+    ``{"source_id", "task_pk", "task_id", "rows": [...]}`` with the rows in insertion order.
+    """
     bounds = ranges_of(sorted(partition_keys))
     query = sql.SQL(
         """
-        select distinct on (t.source_pk) t.source_pk, s.source_id, t.pk as task_pk, t.task_id, r.*
-        from unnest(%s::bigint[], %s::bigint[]) as b(lo, hi)
-        join astra.task t on t.source_pk between b.lo and b.hi
-        join astra.source s on s.pk = t.source_pk
-        join {} r on r.output_pk = t.output_pk
-        where t.asset_key = %s and t.status_code = %s
-        order by t.source_pk, t.modified desc, t.pk desc
+        with latest as (
+            select distinct on (t.source_pk) t.source_pk, t.pk as task_pk, t.task_id, t.output_pk
+            from unnest(%s::bigint[], %s::bigint[]) as b(lo, hi)
+            join astra.task t on t.source_pk between b.lo and b.hi
+            where t.asset_key = %s and t.status_code = %s
+            order by t.source_pk, t.modified desc, t.pk desc
+        )
+        select l.source_pk, s.source_id, l.task_pk, l.task_id, r.*
+        from latest l
+        join astra.source s on s.pk = l.source_pk
+        join {} r on r.output_pk = l.output_pk
+        order by l.source_pk, {}
         """
-    ).format(_table_sql(table))
+    ).format(_table_sql(table),
+             # rows keep the order they were written in: by their own serial pk where they have one
+             sql.SQL("r.pk" if "pk" in store.table_columns(conn, table) else "r.ctid"))
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             query,
             ([lo for lo, _ in bounds], [hi for _, hi in bounds], asset_key, store.STATUS_SUCCESS),
         ).fetchall()
-    return {row["source_pk"]: row for row in rows}
+    if not many:
+        return {row["source_pk"]: row for row in rows}
+    grouped: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        entry = grouped.setdefault(row["source_pk"], {
+            "source_pk": row["source_pk"], "source_id": row["source_id"],
+            "task_pk": row["task_pk"], "task_id": row["task_id"], "rows": [],
+        })
+        entry["rows"].append(row)
+    return grouped

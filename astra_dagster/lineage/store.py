@@ -40,7 +40,8 @@ class Outcome:
     status_code: int  # STATUS_SUCCESS or STATUS_FAILURE
     duration: float
     error: str | None = None
-    result: Mapping[str, Any] | None = None
+    #: One result row (column → value), or a list of rows for tables with many rows per task.
+    result: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -326,18 +327,30 @@ def finish_tasks(
     return FinishReport(written=len(to_write), failed=len(to_fail), already_done=already_done)
 
 
+def _result_rows(outcome: Outcome) -> list[Mapping[str, Any]]:
+    """A result is one row (a mapping) or several (a list of mappings, e.g. one per spectrum)."""
+    result = outcome.result
+    if result is None:
+        return [{}]
+    if isinstance(result, Mapping):
+        return [result]
+    return list(result)
+
+
 def _copy_results(
     conn: psycopg.Connection, table: str, outcomes: Sequence[Outcome], output_pks: Sequence[int]
 ) -> None:
     columns = [c for c in table_columns(conn, table) if c != "output_pk"]
     known = set(columns)
+    rows_per_outcome = [_result_rows(o) for o in outcomes]
     used: list[str] = []
-    for o in outcomes:
-        for name in o.result or {}:
-            if name not in known:
-                raise ValueError(f"result column {name!r} is not a column of {table}")
-            if name not in used:
-                used.append(name)
+    for rows in rows_per_outcome:
+        for row in rows:
+            for name in row:
+                if name not in known:
+                    raise ValueError(f"result column {name!r} is not a column of {table}")
+                if name not in used:
+                    used.append(name)
     schema, name = qualified_table(table)
     statement = sql.SQL("copy {}.{} ({}) from stdin").format(
         sql.Identifier(schema),
@@ -345,9 +358,9 @@ def _copy_results(
         sql.SQL(", ").join(sql.Identifier(c) for c in ["output_pk", *used]),
     )
     with conn.cursor().copy(statement) as copy:
-        for o, out in zip(outcomes, output_pks, strict=True):
-            result = o.result or {}
-            copy.write_row([out, *(_to_db(result.get(c)) for c in used)])
+        for rows, out in zip(rows_per_outcome, output_pks, strict=True):
+            for row in rows:
+                copy.write_row([out, *(_to_db(row.get(c)) for c in used)])
 
 
 def fail_task(conn: psycopg.Connection, task_pk: int, error: str, duration: float | None) -> None:
