@@ -1,0 +1,146 @@
+"""The manifest of a data release: which sources it has and which files belong to each.
+
+A release is a folder with a ``manifest.json`` written last (atomically), so a half-written
+release is never read. Paths are relative to the release folder. Layout::
+
+    {"format": "astra-release/1", "release": "synth-1", "generator": "...", "seed": 1,
+     "sources": [{"source_id": "2M00012345+1234567", "ra": 1.2, "dec": 3.4,
+                  "files": [{"path": "apStar/apStar-synth-1-2M....fits", "format": "apStar",
+                             "sha256": "...", "size": 123}, ...]}],
+     "files": [{"path": "truth.csv", "sha256": "...", "size": 45}]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "astra-release/1"
+#: File formats a release may list per source.
+FILE_FORMATS = ("apStar", "apVisit", "mwmStar", "mwmVisit", "specLite")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    path: str
+    format: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ReleaseSource:
+    source_id: str
+    files: tuple[ReleaseFile, ...]
+    ra: float | None = None
+    dec: float | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever any of the source's files changes (or one is added or removed)."""
+        digest = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: f.path.rsplit("/", 1)[-1]):
+            digest.update(f"{f.path.rsplit('/', 1)[-1]}:{f.sha256}\n".encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    release: str
+    sources: tuple[ReleaseSource, ...]
+    files: tuple[ReleaseFile, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files) + sum(len(s.files) for s in self.sources)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, path: Path, fmt: str) -> ReleaseFile:
+    """A manifest entry for a file already written under ``root``."""
+    return ReleaseFile(str(path.relative_to(root)), fmt, sha256_file(path), path.stat().st_size)
+
+
+def _file(raw: Any, where: str) -> ReleaseFile:
+    try:
+        entry = ReleaseFile(str(raw["path"]), str(raw.get("format", "")), str(raw["sha256"]),
+                            int(raw["size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: file entry {raw!r} lacks path, sha256 or size") from exc
+    if entry.path.startswith("/") or ".." in Path(entry.path).parts:
+        raise ManifestError(f"{where}: file path {entry.path!r} must be relative to the release folder")
+    return entry
+
+
+def read_manifest(release_dir: Path) -> Manifest:
+    """Parse and validate ``release_dir/manifest.json``."""
+    path = Path(release_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise ManifestError(f"{release_dir}: no {MANIFEST_NAME} (release incomplete or not a release)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ManifestError(f"{path}: format must be {FORMAT!r}, got {found!r}")
+    if not raw.get("release"):
+        raise ManifestError(f"{path}: no release name")
+    sources = []
+    seen: set[str] = set()
+    for i, src in enumerate(raw.get("sources") or []):
+        where = f"{path} sources[{i}]"
+        if not isinstance(src, dict) or not src.get("source_id"):
+            raise ManifestError(f"{where}: no source_id")
+        if src["source_id"] in seen:
+            raise ManifestError(f"{where}: source {src['source_id']} listed twice")
+        seen.add(src["source_id"])
+        files = tuple(_file(f, f"{where} ({src['source_id']})") for f in src.get("files") or [])
+        for f in files:
+            if f.format not in FILE_FORMATS:
+                raise ManifestError(f"{where}: {f.path} has unknown format {f.format!r}")
+        sources.append(ReleaseSource(src["source_id"], files, src.get("ra"), src.get("dec")))
+    extra = tuple(_file(f, str(path)) for f in raw.get("files") or [])
+    meta = {k: v for k, v in raw.items() if k not in ("sources", "files")}
+    return Manifest(release=str(raw["release"]), sources=tuple(sources), files=extra, meta=meta)
+
+
+def write_manifest(
+    release_dir: Path,
+    release: str,
+    sources: Sequence[ReleaseSource],
+    files: Sequence[ReleaseFile] = (),
+    **meta: Any,
+) -> Path:
+    """Write ``manifest.json`` atomically (temp file + rename): the last step of a release."""
+    payload = {"format": FORMAT, "release": release, **meta,
+               "sources": [{**{k: v for k, v in asdict(s).items() if k != "files"},
+                            "files": [asdict(f) for f in s.files]} for s in sources],
+               "files": [asdict(f) for f in files]}
+    path = Path(release_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def manifest_sha256(release_dir: Path) -> str:
+    return sha256_file(Path(release_dir) / MANIFEST_NAME)
