@@ -296,3 +296,64 @@ create table if not exists astra.thepayne (
 );
 
 insert into astra.schema_version (version) values ('1') on conflict do nothing;
+
+-- Schema 2: data releases, their sources and files, and the spectra registered from them.
+
+alter table astra.source add column if not exists ra double precision;
+alter table astra.source add column if not exists dec double precision;
+
+-- A data release is a folder of files with a manifest; registered once, never rewritten.
+create table if not exists astra.data_release (
+    pk bigserial primary key,
+    name text not null unique,
+    path text not null,
+    manifest_sha256 text not null,
+    n_sources int not null,
+    n_files int not null,
+    registered timestamp not null default now()
+);
+
+-- Which sources a release has, with a fingerprint over their files (it changes with a new visit).
+create table if not exists astra.release_source (
+    release_pk bigint not null references astra.data_release(pk) on delete cascade,
+    source_pk bigint not null references astra.source(pk) on delete restrict,
+    fingerprint text not null,
+    primary key (release_pk, source_pk)
+);
+create index if not exists release_source_source_pk_idx on astra.release_source (source_pk, release_pk);
+
+create table if not exists astra.release_file (
+    pk bigserial primary key,
+    release_pk bigint not null references astra.data_release(pk) on delete cascade,
+    source_pk bigint not null references astra.source(pk) on delete restrict,
+    path text not null,            -- relative to the release folder
+    file_format text not null,     -- apStar, apVisit, mwmStar, mwmVisit, specLite
+    sha256 text not null,
+    size bigint not null,
+    unique (release_pk, path)
+);
+create index if not exists release_file_source_pk_idx on astra.release_file (source_pk, release_pk);
+
+-- The spectra asset's result table: one row per spectrum (a visit, or a stack row of an apStar
+-- file) registered by a Spectra task for a source; methods read their inputs from here.
+create table if not exists astra.spectrum (
+    pk bigserial primary key,
+    output_pk int not null references astra.output_interface(pk) on delete restrict,
+    source_pk bigint not null references astra.source(pk) on delete restrict,
+    release_pk bigint references astra.data_release(pk) on delete restrict,
+    path text not null,            -- absolute path of the file
+    file_format text not null,
+    kind text not null check (kind in ('visit', 'stack')),
+    frame text not null check (frame in ('observed', 'rest')),
+    row_index int not null,        -- row (apStar, mwm) or 0 (apVisit) in the file
+    snr real,
+    mjd int,
+    jd double precision,
+    telescope text,
+    fiber int,
+    sha256 text not null           -- of the file: what the spectrum's tasks are fingerprinted on
+);
+create index if not exists spectrum_output_pk_idx on astra.spectrum (output_pk);
+create index if not exists spectrum_source_pk_idx on astra.spectrum (source_pk);
+
+insert into astra.schema_version (version) values ('2') on conflict do nothing;

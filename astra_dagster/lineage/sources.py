@@ -76,10 +76,13 @@ def register_sources(conn: psycopg.Connection, source_ids: Sequence[str]) -> dic
     if not source_ids:
         return {}
     ordered = list(dict.fromkeys(source_ids))
+    # Only missing sources reach the insert: ON CONFLICT alone would burn a sequence value per
+    # existing source, leaving gaps in the pks that blocks are made of.
     conn.execute(
         """
         insert into astra.source (source_id)
         select u.source_id from unnest(%s::text[]) with ordinality as u(source_id, n)
+        where not exists (select 1 from astra.source s where s.source_id = u.source_id)
         order by u.n
         on conflict (source_id) do nothing
         """,
