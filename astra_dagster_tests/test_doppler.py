@@ -1,0 +1,234 @@
+"""The Doppler-style RV fit on analytic toy spectra (no network): accuracy, error calibration,
+the per-star joint fit, barycentric corrections and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from astra_dagster.methods.doppler import (
+    FATAL_FLAGS,
+    DopplerError,
+    DopplerFlag,
+    StarRV,
+    VisitRV,
+    barycentric_correction,
+    fit_star,
+    fit_visit,
+)
+from astra_dagster.spectra.bitmask import flag
+from astra_dagster.spectra.spectrum import Spectrum
+from astra_dagster_tests.doppler_toy import toy_emulator, toy_visit
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return toy_emulator()
+
+
+def _labels(rng: np.random.Generator) -> np.ndarray:
+    return np.array([rng.uniform(3800, 6200), rng.uniform(0.5, 4.5), rng.uniform(-1.5, 0.3)])
+
+
+@pytest.mark.parametrize(("snr", "max_rms"), [(20, 0.1), (60, 0.05)])
+def test_rv_accuracy_and_error_calibration(emulator, snr: float, max_rms: float) -> None:
+    rng = np.random.default_rng(int(snr))
+    dv, pulls, dlab = [], [], []
+    for i in range(30):
+        labels = _labels(rng)
+        v = float(rng.normal(0, 150))
+        result = fit_visit(toy_visit(labels, v, snr, rng, continuum_seed=i), emulator)
+        assert result.ok, result.to_dict()
+        dv.append(result.vrel - v)
+        pulls.append((result.vrel - v) / result.u_vrel)
+        dlab.append([result.teff - labels[0], result.logg - labels[1], result.fe_h - labels[2]])
+    dv_arr, dlab_arr = np.array(dv), np.array(dlab)
+    assert np.sqrt(np.mean(dv_arr**2)) < max_rms
+    assert 0.7 < np.std(pulls) < 1.5
+    rms = np.sqrt(np.mean(dlab_arr**2, axis=0))
+    assert rms[0] < 150 and rms[1] < 0.25 and rms[2] < 0.15
+
+
+def test_visit_result_fields(emulator) -> None:
+    rng = np.random.default_rng(3)
+    spec = toy_visit(np.array([4600.0, 2.4, -0.3]), -37.0, 80, rng, bc=12.5)
+    result = fit_visit(spec, emulator)
+    assert isinstance(result, VisitRV)
+    assert result.flags == 0 and result.flag_names == []
+    assert result.vrel == pytest.approx(-37.0, abs=0.1)
+    assert result.bc == 12.5 and result.vhelio == pytest.approx(result.vrel + 12.5)
+    assert 0 < result.u_vrel < 0.1 and result.u_teff > 0 and result.u_logg > 0 and result.u_fe_h > 0
+    assert result.snr == 80 and 0.7 < result.chisq < 1.3
+    assert result.template == "toy" and result.n_pixels > 8000
+    assert abs(result.ccf_vrel + 37.0) < 2.0
+    d = result.to_dict()
+    assert d["vhelio"] == result.vhelio and d["flag_names"] == []
+
+
+def test_large_velocities_within_the_search_range(emulator) -> None:
+    rng = np.random.default_rng(11)
+    for v in (-870.0, 640.0):
+        result = fit_visit(toy_visit(np.array([4500.0, 2.0, -0.5]), v, 50, rng), emulator)
+        assert result.ok and result.vrel == pytest.approx(v, abs=0.15)
+
+
+def test_fit_star_joint_labels_and_mean_velocity(emulator) -> None:
+    rng = np.random.default_rng(5)
+    labels = np.array([4700.0, 2.6, -0.4])
+    v_bary = 23.4
+    bcs = [-21.0, 3.0, 17.5, 28.0]
+    visits = [toy_visit(labels, v_bary - bc, snr, rng, bc=bc, continuum_seed=k)
+              for k, (bc, snr) in enumerate(zip(bcs, (30, 45, 60, 25), strict=True))]
+    star = fit_star(visits, emulator)
+    assert isinstance(star, StarRV)
+    assert star.n_visits == 4 and star.n_good_visits == 4
+    assert star.vhelio == pytest.approx(v_bary, abs=4 * star.u_vhelio)
+    assert star.u_vhelio < 0.05
+    assert 0 <= star.vscatter < 0.2
+    for visit, bc in zip(star.visits, bcs, strict=True):
+        assert visit.teff == star.teff and visit.bc == bc
+        assert visit.vrel == pytest.approx(v_bary - bc, abs=5 * visit.u_vrel)
+    # Common labels from all visits beat a single S/N 25 visit's error.
+    single = fit_visit(visits[3], emulator)
+    assert star.u_teff < single.u_teff
+    assert abs(star.teff - labels[0]) < 4 * star.u_teff + 30
+    assert abs(star.logg - labels[1]) < 0.1 and abs(star.fe_h - labels[2]) < 0.05
+
+
+def test_fit_star_keeps_bad_visits_flagged(emulator) -> None:
+    rng = np.random.default_rng(6)
+    labels = np.array([4300.0, 1.8, -0.2])
+    good = [toy_visit(labels, 10.0, 50, rng, continuum_seed=k) for k in range(2)]
+    dead = toy_visit(labels, 10.0, 50, rng)
+    dead.ivar[:] = 0.0
+    star = fit_star([*good, dead], emulator)
+    assert star.n_visits == 3 and star.n_good_visits == 2
+    assert math.isnan(star.visits[2].vrel) and star.visits[2].flags & DopplerFlag.LOW_GOOD_PIXELS
+    assert star.vhelio == pytest.approx(10.0, abs=0.1)
+    none = fit_star([dead], emulator)
+    assert math.isnan(none.vhelio) and none.flags & DopplerFlag.NO_GOOD_VISITS
+    with pytest.raises(DopplerError, match="at least one visit"):
+        fit_star([], emulator)
+
+
+def test_barycentric_correction_offline_matches_the_drp() -> None:
+    # apVisit-r13-9518-57729-104 (APO 2.5 m): header BC = -14.5807887971 km/s.
+    bc = barycentric_correction(6.111105, 53.688282, 2457729.70782, "apo25m")
+    assert bc == pytest.approx(-14.5808, abs=0.02)
+    # The same star seen from LCO at the same instant differs by the diurnal term only.
+    lco = barycentric_correction(6.111105, 53.688282, 2457729.70782, "lco25m")
+    assert 0.001 < abs(lco - bc) < 0.5
+    with pytest.raises(DopplerError, match="telescope"):
+        barycentric_correction(6.1, 53.7, 2457729.7, "keck")
+
+
+def test_bc_computed_when_missing_and_rest_frame_inputs(emulator) -> None:
+    rng = np.random.default_rng(8)
+    spec = toy_visit(np.array([4600.0, 2.4, -0.3]), 5.0, 60, rng, bc=None)
+    spec.meta.update(ra=6.111105, dec=53.688282, jd=2457729.70782)
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.BC_COMPUTED
+    assert result.bc == pytest.approx(-14.5808, abs=0.02)
+    assert result.vhelio == pytest.approx(result.vrel + result.bc)
+    no_coords = toy_visit(np.array([4600.0, 2.4, -0.3]), 5.0, 60, rng, bc=None)
+    result = fit_visit(no_coords, emulator)
+    assert result.flags & DopplerFlag.NO_BC and math.isnan(result.vhelio) and result.ok
+    rest = toy_visit(np.array([4600.0, 2.4, -0.3]), 0.3, 60, rng, bc=7.0)
+    rest.meta["frame"] = "rest"
+    result = fit_visit(rest, emulator)
+    assert result.flags & DopplerFlag.REST_FRAME
+    assert result.bc == 0.0 and result.vhelio == result.vrel
+    assert result.vrel == pytest.approx(0.3, abs=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def _spec(rng: np.random.Generator, v: float = 20.0, snr: float = 50) -> Spectrum:
+    return toy_visit(np.array([4500.0, 2.2, -0.4]), v, snr, rng)
+
+
+def test_too_few_good_pixels_gives_a_flagged_nan_result(emulator) -> None:
+    rng = np.random.default_rng(20)
+    spec = _spec(rng)
+    spec.pixel_flags[300:] |= flag("BADPIX")
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.LOW_GOOD_PIXELS and not result.ok
+    assert all(math.isnan(getattr(result, k)) for k in ("vrel", "u_vrel", "teff", "logg", "fe_h", "vhelio"))
+    assert "usable pixels" in result.message and "toy[0]" in result.message
+
+
+def test_a_fully_masked_chip_is_flagged_and_the_rest_still_fitted(emulator) -> None:
+    rng = np.random.default_rng(21)
+    spec = _spec(rng)
+    a, b = spec.meta["chip_slices"][1]
+    spec.ivar[a:b] = 0.0
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.CHIP_MASKED and result.ok
+    assert result.vrel == pytest.approx(20.0, abs=0.15)
+    # Masking with the Doppler bitmask (SIG_SKYLINE is in it) works the same way.
+    spec = _spec(rng)
+    spec.pixel_flags[a:b] |= flag("SIG_SKYLINE")
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.CHIP_MASKED and result.vrel == pytest.approx(20.0, abs=0.15)
+
+
+def test_non_finite_values_are_masked_and_flagged(emulator) -> None:
+    rng = np.random.default_rng(22)
+    spec = _spec(rng)
+    spec.flux[::37] = np.nan
+    spec.ivar[5::41] = np.inf
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.NONFINITE_INPUT and result.ok
+    assert result.vrel == pytest.approx(20.0, abs=0.15) and np.isfinite(result.chisq)
+    spec.flux[:] = np.nan
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.LOW_GOOD_PIXELS and math.isnan(result.vrel)
+
+
+def test_correlation_peak_at_the_edge_of_the_search_range(emulator) -> None:
+    rng = np.random.default_rng(23)
+    result = fit_visit(_spec(rng, v=150.0), emulator, vrange=100.0)
+    assert result.flags & DopplerFlag.CCF_EDGE and not result.ok
+    assert math.isnan(result.vrel) and "edge" in result.message
+    # The same star inside the range is fine.
+    assert fit_visit(_spec(rng, v=90.0), emulator, vrange=100.0).vrel == pytest.approx(90.0, abs=0.2)
+
+
+def test_noise_only_spectrum_has_no_signal(emulator) -> None:
+    rng = np.random.default_rng(24)
+    spec = _spec(rng)
+    spec.flux[:] = 900.0 + rng.normal(0, 900.0 / 50, spec.n_pixels)
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.NO_SIGNAL and math.isnan(result.vrel)
+    assert result.flags & FATAL_FLAGS
+
+
+def test_outliers_are_rejected(emulator) -> None:
+    rng = np.random.default_rng(25)
+    spec = _spec(rng, snr=80)
+    spikes = rng.choice(spec.n_pixels, 60, replace=False)
+    spec.flux[spikes] *= 3.0  # sky-line-like residuals, unflagged
+    spec.flux[spikes[:20] + 1] *= 0.2  # and some deep unflagged dropouts
+    result = fit_visit(spec, emulator)
+    assert result.ok and result.vrel == pytest.approx(20.0, abs=0.1) and result.chisq < 1.5
+
+
+def test_unusable_input_raises_dopplererror(emulator) -> None:
+    rng = np.random.default_rng(26)
+    with pytest.raises(DopplerError, match="expected a Spectrum"):
+        fit_visit(np.ones(10), emulator)
+    boss = Spectrum(np.linspace(3600, 10000, 4000), np.ones(4000), np.ones(4000), np.zeros(4000))
+    with pytest.raises(DopplerError, match="outside the templates"):
+        fit_visit(boss, emulator)
+    spec = _spec(rng)
+    spec.wavelength[10] = spec.wavelength[9]
+    with pytest.raises(DopplerError, match="increase"):
+        fit_visit(spec, emulator)
+    with pytest.raises(DopplerError, match="Emulator"):
+        fit_visit(_spec(rng), [])
+    with pytest.raises(DopplerError, match="vrange"):
+        fit_visit(_spec(rng), emulator, vrange=-5)
