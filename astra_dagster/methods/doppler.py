@@ -341,6 +341,8 @@ def _prepare(spectrum: Spectrum, emulators: list[Emulator], vrange: float) -> _P
             continue
         fn = flux[idx] / cont
         iv = ivar[idx] * cont**2
+        # A few pixels with absurdly small errors must not outweigh the rest of the chip.
+        iv = np.minimum(iv, 10.0 * np.median(iv))
         # Large positive outliers (sky residuals, cosmic rays) against a running median.
         smooth = median_filter(fn, size=15, mode="nearest")
         spike = (fn - smooth) * np.sqrt(iv) > CLIP_SIGMA

