@@ -38,13 +38,37 @@ def asset_for_family(defs: dg.Definitions, family: str) -> dg.AssetsDefinition:
     raise KeyError(f"no asset runs tasks of family {family!r}")
 
 
-def config_run_config(
-    assets_def: dg.AssetsDefinition, config: AstraConfig, log_level: str | None = None
-) -> dict[str, Any]:
-    run_config: dict[str, Any] = {"ops": {assets_def.node_def.name: {"config": config.model_dump()}}}
+def config_run_config(assets_def: dg.AssetsDefinition, config: AstraConfig) -> dict[str, Any]:
+    return {"ops": {assets_def.node_def.name: {"config": config.model_dump()}}}
+
+
+def materialize_assets(
+    defs: dg.Definitions,
+    asset_keys: Sequence[dg.AssetKey],
+    *,
+    instance: dg.DagsterInstance,
+    run_config: dict[str, Any] | None = None,
+    partition_key: str | None = None,
+    tags: dict[str, str] | None = None,
+    log_level: str | None = None,
+) -> dg.ExecuteInProcessResult:
+    """One in-process Dagster run of ``asset_keys`` (upstream inputs load through IO managers).
+
+    ``log_level`` (e.g. "WARNING") quiets Dagster's console log of the run.
+    """
+    config = dict(run_config or {})
     if log_level:
-        run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
-    return run_config
+        config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    return dg.materialize(
+        [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)],
+        selection=list(asset_keys),
+        instance=instance,
+        resources=defs.resources,
+        run_config=config,
+        partition_key=partition_key,
+        tags=tags or None,
+        raise_on_error=False,
+    )
 
 
 def materialize_task(
@@ -52,6 +76,7 @@ def materialize_task(
     *,
     instance: dg.DagsterInstance | None = None,
     partition_key: str | None = None,
+    tags: dict[str, str] | None = None,
     defs: dg.Definitions | None = None,
     log_level: str | None = None,
 ) -> dg.ExecuteInProcessResult:
@@ -60,15 +85,10 @@ def materialize_task(
 
     defs = defs or load_definitions()
     target = asset_for_family(defs, config.task_family)
-    all_assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
-    return dg.materialize(
-        all_assets,
-        selection=list(target.keys),
-        instance=instance or get_instance(),
-        resources=defs.resources,
-        run_config=config_run_config(target, config, log_level),
-        partition_key=partition_key,
-        raise_on_error=False,
+    return materialize_assets(
+        defs, list(target.keys), instance=instance or get_instance(),
+        run_config=config_run_config(target, config), partition_key=partition_key, tags=tags,
+        log_level=log_level,
     )
 
 

@@ -39,7 +39,7 @@ class RerunReport:
 
 
 def rerun_task(ref: str, *, force: bool = False, instance: dg.DagsterInstance | None = None) -> RerunReport:
-    from astra_dagster.build import asset_for_family, load_definitions
+    from astra_dagster.build import asset_for_family, load_definitions, materialize_task
     from astra_dagster.instance import get_instance
 
     with connect() as conn:
@@ -64,18 +64,7 @@ def rerun_task(ref: str, *, force: bool = False, instance: dg.DagsterInstance | 
         scope = f"source {extra['source_id']} in partition {partition_key}"
         _ensure_partitions(instance, target, [partition_key])
     config = type(config)(**{**config.model_dump(), **updates})
-
-    all_assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
-    result = dg.materialize(
-        all_assets,
-        selection=list(target.keys),
-        instance=instance,
-        resources=defs.resources,
-        run_config={"ops": {target.node_def.name: {"config": config.model_dump()}}},
-        partition_key=partition_key,
-        tags=tags or None,
-        raise_on_error=False,
-    )
+    result = materialize_task(config, instance=instance, partition_key=partition_key, tags=tags, defs=defs)
     with connect() as conn:
         after = find_task(conn, str(record.pk))
     return RerunReport(
