@@ -53,6 +53,10 @@ HIGH_CHISQ = 10.0
 #: WEAK_CCF, and below which nothing is measured (NO_SIGNAL; pure noise reaches ~4).
 _WEAK_CCF = 12.0
 _NO_SIGNAL = 6.0
+#: Coarse templates within this CCF χ² of the best one that place the star at a different
+#: velocity are fitted too (at most _MAX_TEMPLATE_FITS fits per spectrum).
+_AMBIGUOUS_DCHI2 = 100.0
+_MAX_TEMPLATE_FITS = 3
 #: APOGEE chip boundaries (Å, vacuum): the middles of the two detector gaps.
 APOGEE_CHIP_EDGES = (15833.0, 16454.0)
 
@@ -407,6 +411,7 @@ class _CCFResult:
     labels: np.ndarray
     edge: bool
     significance: float
+    sigma_v: float  # velocity error from the χ² curvature at the peak (km/s)
 
 
 def _coarse_templates(emulator: Emulator, n_fft: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -449,13 +454,33 @@ def _resample_for_ccf(prep: _Prepared, emulator: Emulator) -> tuple[int, np.ndar
     return j0, d, w
 
 
+def _ccf_peak(row: np.ndarray, lags: np.ndarray, l_max: int, h: float, c0: float,
+              emulator: Emulator, labels: np.ndarray) -> _CCFResult:
+    """The minimum of one template's χ²(lag), refined with a parabola."""
+    i_best = int(np.argmin(row))
+    lag = float(lags[i_best])
+    edge = i_best <= 1 or i_best >= row.size - 2 or abs(lags[i_best]) >= l_max - 1
+    sigma_lag = math.inf
+    if 0 < i_best < row.size - 1:
+        y0, y1, y2 = row[i_best - 1], row[i_best], row[i_best + 1]
+        denom = y0 - 2 * y1 + y2
+        if denom > 0:
+            lag = lag - 0.5 * (y2 - y0) / denom
+            sigma_lag = math.sqrt(2.0 / denom)
+    # Significance: √Δχ² of the best scaled template against a constant, the S/N of the
+    # correlation peak (pure noise gives ~4 as the maximum over all lags and templates).
+    significance = float(math.sqrt(max(c0 - row[i_best], 0.0)))
+    return _CCFResult(float(row[i_best]), C_KMS * math.expm1(lag * h), emulator, labels.copy(),
+                      bool(edge), significance, sigma_lag * h * C_KMS)
+
+
 def _ccf(prep: _Prepared, emulators: list[Emulator], vrange: float,
          only: tuple[Emulator, np.ndarray] | None = None) -> list[_CCFResult]:
-    """Best (template, velocity) of each emulator by χ² of a scaled template within ±vrange.
+    """The best velocity of every coarse template by χ² of a scaled template within ±vrange.
 
-    χ²(L) = Σw d² − (Σ w d t_L)² / Σ w t_L² for line depth d = 1 − f, computed for every lag L
-    with two FFT correlations per template; the minimum is refined with a parabola. Returns one
-    result per emulator, lowest χ² first.
+    χ²(L) = Σw (d − β)² − max(0, cov(d, t_L))² / var(t_L) for line depth d = 1 − f (a scaled
+    template plus a constant), for every lag L at once with three FFT correlations per template;
+    each minimum is refined with a parabola. Returns one result per template, lowest χ² first.
     """
     results: list[_CCFResult] = []
     for emulator in emulators if only is None else [only[0]]:
@@ -493,22 +518,8 @@ def _ccf(prep: _Prepared, emulators: list[Emulator], vrange: float,
         a = a_corr[:, k] - s_d * s_t / s0
         b = np.maximum(b_corr[:, k] - s_t * s_t / s0, 1e-300)
         chi2 = c0 - np.where(a > 0, a * a / b, 0.0)
-        t_best, i_best = np.unravel_index(np.argmin(chi2), chi2.shape)
-        row = chi2[t_best]
-        lag = float(lags[i_best])
-        edge = i_best <= 1 or i_best >= row.size - 2 or abs(lags[i_best]) >= l_max - 1
-        if 0 < i_best < row.size - 1:
-            y0, y1, y2 = row[i_best - 1], row[i_best], row[i_best + 1]
-            denom = y0 - 2 * y1 + y2
-            if denom > 0:
-                lag = lag - 0.5 * (y2 - y0) / denom
-        # Significance: √Δχ² of the best scaled template against a constant, the S/N of the
-        # correlation peak (pure noise gives ~5 as the maximum over all lags and templates).
-        significance = float(math.sqrt(max(c0 - row[i_best], 0.0)))
-        vrel = C_KMS * math.expm1(lag * h)
-        result = _CCFResult(float(row[i_best]), vrel, emulator, labels[t_best].copy(), bool(edge),
-                            significance)
-        results.append(result)
+        for t_index, row in enumerate(chi2):
+            results.append(_ccf_peak(row, lags, l_max, h, c0, emulator, labels[t_index]))
     return sorted(results, key=lambda r: r.chi2)
 
 
@@ -784,8 +795,16 @@ def _bounds(emulator: Emulator, n_params: int, v0: float, vrange: float) -> tupl
 
 def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, vrange: float
                    ) -> tuple[_VisitModel, _LMResult, np.ndarray]:
-    """Labels at the CCF velocity, a second CCF with those labels, the joint fit, 5σ clipping
-    and a refit. Returns the model, the fit and the free-parameter mask."""
+    """From one CCF candidate to a converged joint fit.
+
+    Labels (with the continuum) at the CCF velocity; a second CCF with those labels; then the
+    joint fit of all labels, v and the continuum, 5σ clipping and a refit. Broad-lined spectra
+    (CCF error > 1 km/s, e.g. hot stars whose Brackett lines dominate the correlation) keep
+    [Fe/H] at the template's value in the first step, so that the weak narrow lines stay in the
+    template, and get a χ²(v) scan at 1 km/s steps across the CCF uncertainty, where the narrow
+    lines decide, before the joint fit.
+    Returns the model, the fit and the free-parameter mask.
+    """
     emulator = ccf.emulator
     model = _VisitModel(prep, emulator)
     labels0 = emulator.clip(ccf.labels)
@@ -794,11 +813,20 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     lower, upper = _bounds(emulator, model.n_params, ccf.vrel, vrange)
     free = np.ones(model.n_params, dtype=bool)
     free[3] = False
+    broad = ccf.sigma_v > 1.0
+    if broad:
+        free[2] = False
     stage = _levenberg_marquardt(model.at_fixed_velocity(ccf.vrel), p0, free, lower, upper, max_iter=6)
     ccf2 = _ccf(prep, emulators, vrange, only=(emulator, stage.p[:3]))[0]
     p0 = stage.p.copy()
     p0[3] = ccf2.vrel if not ccf2.edge else ccf.vrel
-    free[3] = True
+    if not ccf2.edge and (broad or ccf2.sigma_v > 1.0):
+        half = min(max(3.0 * ccf2.sigma_v, 5.0), 40.0)
+        vs = np.clip(p0[3] + np.arange(-half, half + 0.5, 1.0), -vrange, vrange)
+        grid = model.grid_flux(p0[:3], float(vs[0]), float(vs[-1]))
+        chi2 = [model.solve_continuum(p0[:3], float(v), grid)[1] for v in vs]
+        p0[3] = float(vs[int(np.argmin(chi2))])
+    free[:] = True
     res = _levenberg_marquardt(model.residuals, p0, free, lower, upper)
     # Reject > CLIP_SIGMA residuals (sky residuals, bad pixels the mask missed) and refit.
     bad = np.abs(res.residuals) > CLIP_SIGMA
@@ -892,22 +920,40 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
                f"(peak significance {ccf.significance:.1f} < {_NO_SIGNAL:g})")
         return _VisitFit(_failed(prep, spectrum, flags, bc, msg, template=ccf.emulator.name,
                                  n_pixels=prep.ln_wave.size), prep)
-    # Fit the best family; when the answer is doubtful (labels at a range limit, no
-    # convergence, weak CCF) also try the other families' best templates, keep the lowest χ².
-    fits = []
-    try:
-        for i, cand in enumerate(candidates):
-            if cand.edge:
-                continue
+    # Fit the best template. Then also fit (a) templates whose CCF is almost as good but puts
+    # the star elsewhere (broad-lined hot stars can fool the coarse CCF), and (b) when the fit
+    # is doubtful, the best template of every other family; keep the lowest reduced χ².
+    fits: list[tuple[float, int, _VisitModel, _LMResult, np.ndarray, _CCFResult]] = []
+    tried: list[_CCFResult] = []
+    errors: list[str] = []
+
+    def attempt(cand: _CCFResult) -> None:
+        tried.append(cand)
+        try:
             model, res, free = _fit_candidate(prep, emulators, cand, vrange)
-            fits.append((res.chi2 / max(model.sw.size - int(free.sum()), 1), i, model, res, free, cand))
-            if not _doubtful(res, cand.emulator, cand):
-                break
-    except DopplerError as exc:
-        if not fits:
-            flags |= DopplerFlag.FIT_FAILED
-            return _VisitFit(_failed(prep, spectrum, flags, bc, f"{prep.source}: {exc}",
-                                     template=ccf.emulator.name), prep)
+        except DopplerError as exc:
+            errors.append(str(exc))
+            return
+        dof = max(model.sw.size - int(free.sum()), 1)
+        fits.append((res.chi2 / dof, len(fits), model, res, free, cand))
+
+    attempt(ccf)
+    v_first = fits[0][3].p[3] if fits else ccf.vrel
+    for cand in candidates[1:]:
+        if len(tried) >= _MAX_TEMPLATE_FITS or cand.chi2 - ccf.chi2 > _AMBIGUOUS_DCHI2:
+            break
+        far = abs(cand.vrel - v_first) > max(3.0 * (cand.sigma_v + ccf.sigma_v), 3.0)
+        if not cand.edge and far and all(abs(cand.vrel - t.vrel) > 3.0 for t in tried):
+            attempt(cand)
+    if not fits or _doubtful(fits[0][3], ccf.emulator, ccf):
+        for em in emulators:
+            other = next((c for c in candidates if c.emulator is em and not c.edge), None)
+            if other is not None and all(t.emulator is not em for t in tried):
+                attempt(other)
+    if not fits:
+        flags |= DopplerFlag.FIT_FAILED
+        msg = f"{prep.source}: no template could be fitted ({'; '.join(errors)})"
+        return _VisitFit(_failed(prep, spectrum, flags, bc, msg, template=ccf.emulator.name), prep)
     _, _, model, res, free, ccf = min(fits, key=lambda f: (f[0], f[1]))
     emulator = ccf.emulator
     if ccf.significance < _WEAK_CCF:
