@@ -20,7 +20,7 @@ def apstar_arrays(nvisits: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     sigma = np.full_like(flux, 5.0)
     mask = np.zeros(flux.shape, dtype=np.int64)
     mask[:, 100:110] = 1  # BADPIX
-    header = {"APOGEE_ID": "2M00000001+0000001", "NVISITS": nvisits, "SNR": 160.0, "TELESCOP": "apo25m",
+    header = {"OBJID": "2M00000001+0000001", "NVISITS": nvisits, "SNR": 160.0, "TELESCOP": "apo25m",
               "RA": 10.0, "DEC": 20.0}
     for v in range(1, nvisits + 1):
         header.update({f"SNRVIS{v}": 100.0 + v, f"JD{v}": 2459000.5 + v, f"BC{v}": 10.0 * v,
@@ -35,7 +35,7 @@ def apvisit_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     flux = 500.0 + rng.normal(0, 5, wave.shape)
     sigma = np.full_like(flux, 5.0)
     mask = np.zeros(wave.shape, dtype=np.int16)
-    header = {"APOGEE_ID": "2M00000001+0000001", "JD-MID": 2459001.7, "MJD5": 59001, "BC": 12.5,
+    header = {"OBJID": "2M00000001+0000001", "JD-MID": 2459001.7, "MJD5": 59001, "BC": 12.5,
               "SNR": 100.0, "FIBERID": 101, "TELESCOP": "apo25m", "RA": 10.0, "DEC": 20.0}
     return wave, flux, sigma, mask, header
 

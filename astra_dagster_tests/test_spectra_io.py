@@ -88,3 +88,37 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, case: str) -> N
         read_spectra(path)
     assert message in str(info.value)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.network
+def test_real_boss_spec_lite() -> None:
+    try:
+        path = realdata.extract(*realdata.THEDOPPLER, "doppler/data/spec-3586-55181-0500.fits")
+    except realdata.RealDataUnavailableError as exc:
+        pytest.skip(str(exc))
+    assert detect_format(path) == "specLite"
+    spectrum = read_spectra(path)[0]
+    assert spectrum.n_pixels == 4625 and 3560 < spectrum.wavelength[0] < 3570
+    assert 10300 < spectrum.wavelength[-1] < 10340 and spectrum.meta["instrument"] == "boss"
+    assert abs(spectrum.meta["snr"] - 54.98) < 0.01 and spectrum.meta["mjd"] == 55181
+
+
+def test_mwm_round_trip(tmp_path: Path) -> None:
+    from astra_dagster.spectra.mwm import write_mwm
+
+    rng = np.random.default_rng(3)
+    apogee = [{"flux": rng.normal(1, 0.01, 8575), "ivar": np.full(8575, 1e4), "pixel_flags": np.zeros(8575, int),
+               "snr": 120.0, "mjd": 60000}]
+    boss = [{"flux": rng.normal(1, 0.01, 4648), "ivar": np.full(4648, 1e4), "pixel_flags": np.ones(4648, int),
+             "snr": 40.0, "mjd": 60001}] * 2
+    path = tmp_path / "mwmStar-test.fits"
+    write_mwm(path, {"SDSS_ID": "123", "RA": 1.0, "DEC": 2.0}, {1: boss, 3: apogee})
+    assert detect_format(path) == "mwmStar"
+    spectra = read_spectra(path)
+    assert [s.meta["instrument"] for s in spectra] == ["boss", "boss", "apogee"]
+    np.testing.assert_allclose(spectra[2].flux, apogee[0]["flux"].astype(np.float32))
+    assert spectra[2].n_pixels == 8575 and abs(spectra[2].wavelength[0] - 15100.8) < 0.01
+    assert spectra[0].meta["snr"] == 40.0 and spectra[2].meta["mjd"] == 60000
+    visit_path = tmp_path / "mwmVisit-test.fits"
+    write_mwm(visit_path, {"SDSS_ID": "123"}, {3: apogee}, visit=True)
+    assert detect_format(visit_path) == "mwmVisit" and read_spectra(visit_path)[0].meta["kind"] == "visit"
