@@ -562,14 +562,13 @@ class _VisitModel:
     Parameters: ``[teff, logg, fe_h, v, a_0 .. a_{n_cont-1}]``.
     """
 
-    def __init__(self, prep: _Prepared, emulator: Emulator, keep: np.ndarray | None = None):
-        sel = slice(None) if keep is None else keep
+    def __init__(self, prep: _Prepared, emulator: Emulator):
         self.em = emulator
-        self.x = prep.ln_wave[sel]
-        self.f = prep.flux[sel]
-        self.basis = prep.basis[sel]
-        chip = prep.chip[sel]
-        ivar = prep.ivar[sel]
+        self.x = prep.ln_wave
+        self.f = prep.flux
+        self.basis = prep.basis
+        chip = prep.chip
+        ivar = prep.ivar
         if emulator.s2 is not None:
             i = np.clip(np.round((self.x - emulator.ln_start) / emulator.ln_step).astype(int),
                         0, emulator.n_pixels - 1)
@@ -585,6 +584,15 @@ class _VisitModel:
         self.n_cont = n_b * prep.n_chips
         self.n_params = 4 + self.n_cont
         self._jac = np.zeros((self.x.size, self.n_params))
+
+    @property
+    def n_used(self) -> int:
+        """Pixels with weight (rejected outliers have none)."""
+        return int(np.count_nonzero(self.sw))
+
+    def reject(self, bad: np.ndarray) -> None:
+        """Give no weight to the ``bad`` pixels from now on."""
+        self.sw = np.where(bad, 0.0, self.sw)
 
     def continuum(self, coef: np.ndarray) -> np.ndarray:
         cont = np.empty(self.x.size)
@@ -816,7 +824,7 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     broad = ccf.sigma_v > 1.0
     if broad:
         free[2] = False
-    stage = _levenberg_marquardt(model.at_fixed_velocity(ccf.vrel), p0, free, lower, upper, max_iter=6)
+    stage = _levenberg_marquardt(model.at_fixed_velocity(ccf.vrel), p0, free, lower, upper, max_iter=4)
     ccf2 = _ccf(prep, emulators, vrange, only=(emulator, stage.p[:3]))[0]
     p0 = stage.p.copy()
     p0[3] = ccf2.vrel if not ccf2.edge else ccf.vrel
@@ -831,7 +839,7 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     # Reject > CLIP_SIGMA residuals (sky residuals, bad pixels the mask missed) and refit.
     bad = np.abs(res.residuals) > CLIP_SIGMA
     if np.any(bad) and (~bad).sum() >= MIN_GOOD_PIXELS:
-        model = _VisitModel(prep, emulator, keep=~bad)
+        model.reject(bad)
         res = _levenberg_marquardt(model.residuals, res.p, free, lower, upper)
     return model, res, free
 
@@ -849,9 +857,9 @@ def _doubtful(res: _LMResult, emulator: Emulator, ccf: _CCFResult) -> bool:
 
 
 def _fine_rv(model: _VisitModel, p: np.ndarray, sigma_v: float) -> tuple[float, bool]:
-    """χ²(v) at fixed labels on 7 velocities within ±3σ (continuum re-solved at each)."""
-    half = 3.0 * max(sigma_v, 0.02)
-    vs = p[3] + np.linspace(-half, half, 7)
+    """χ²(v) at fixed labels on 5 velocities within ±2σ (continuum re-solved at each)."""
+    half = 2.0 * max(sigma_v, 0.02)
+    vs = p[3] + np.linspace(-half, half, 5)
     grid = model.grid_flux(p[:3], float(vs[0]), float(vs[-1]))
     chi2 = np.array([model.solve_continuum(p[:3], float(v), grid)[1] for v in vs])
     i = int(np.argmin(chi2))
@@ -934,7 +942,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         except DopplerError as exc:
             errors.append(str(exc))
             return
-        dof = max(model.sw.size - int(free.sum()), 1)
+        dof = max(model.n_used - int(free.sum()), 1)
         fits.append((res.chi2 / dof, len(fits), model, res, free, cand))
 
     attempt(ccf)
@@ -959,7 +967,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     if ccf.significance < _WEAK_CCF:
         flags |= DopplerFlag.WEAK_CCF
 
-    n = model.sw.size
+    n = model.n_used
     dof = max(n - int(np.sum(free)), 1)
     chisq = res.chi2 / dof
     if not res.converged:
@@ -1080,7 +1088,12 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     for i in good:
         st = states[i]
         assert st.model is not None and st.prep is not None
-        models.append(st.model if st.model.em is emulator else _VisitModel(st.prep, emulator))
+        if st.model.em is emulator:
+            models.append(st.model)
+        else:  # the visit's own fit used another family: same pixels, same rejections
+            other = _VisitModel(st.prep, emulator)
+            other.reject(st.model.sw == 0)
+            models.append(other)
     same = [i for i in good if results[i].template == emulator.name]
     w = np.array([1.0 / results[i].u_teff ** 2 for i in same])
     labels0 = np.array([[results[i].teff, results[i].logg, results[i].fe_h] for i in same])
@@ -1101,7 +1114,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         res = _lm_normal(fun, p0, np.ones(p0.size, dtype=bool), lower, upper)
     except DopplerError as exc:
         return _star_failed(results, all_flags | DopplerFlag.FIT_FAILED, f"joint fit failed: {exc}")
-    n_pix = sum(m.sw.size for m in models)
+    n_pix = sum(m.n_used for m in models)
     chisq = res.chi2 / max(n_pix - p0.size, 1)
     var = np.diag(res.cov)
     if not np.all(np.isfinite(var[:3 + len(good)])):
@@ -1119,7 +1132,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     for k, (i, model) in enumerate(zip(good, models, strict=True)):
         p_i = split(res.p, k)
         r_i, _ = model.residuals(p_i, False)
-        chisq_i = float(r_i @ r_i) / max(model.sw.size - model.n_cont - 1, 1)
+        chisq_i = float(r_i @ r_i) / max(model.n_used - model.n_cont - 1, 1)
         u_v = float(math.sqrt(var[3 + k]) * math.sqrt(max(chisq_i, 1.0)))
         vrel, scan_edge = _fine_rv(model, p_i, u_v)
         old = results[i]
@@ -1131,7 +1144,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
             vrel=vrel, u_vrel=u_v, teff=float(res.p[0]), u_teff=float(u_labels[0]),
             logg=float(res.p[1]), u_logg=float(u_labels[1]), fe_h=float(res.p[2]),
             u_fe_h=float(u_labels[2]), chisq=chisq_i, bc=old.bc, vhelio=vrel + old.bc,
-            flags=int(flags), snr=old.snr, template=emulator.name, n_pixels=model.sw.size,
+            flags=int(flags), snr=old.snr, template=emulator.name, n_pixels=model.n_used,
             ccf_vrel=old.ccf_vrel,
         )
 
