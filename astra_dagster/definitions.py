@@ -1,13 +1,15 @@
 """The Dagster code location: ``dagster dev -m astra_dagster.definitions`` (or workspace.yaml)."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from astra_dagster.defs.examples import random_number_generator
+from astra_dagster.defs.sensors import release_sensor
+from astra_dagster.defs.spectra import spectra, spectra_job
 from astra_dagster.lineage.io_manager import AstraIOManager
 
 defs = dg.Definitions(
-    assets=[random_number_generator],
+    assets=[random_number_generator, spectra],
+    jobs=[spectra_job],
+    sensors=[release_sensor],
     resources={"astra_io_manager": AstraIOManager()},
 )

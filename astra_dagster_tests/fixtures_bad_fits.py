@@ -40,14 +40,19 @@ def apvisit_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return wave, flux, sigma, mask, header
 
 
-def write_good_apstar(path: Path, nvisits: int = 2) -> Path:
-    flux, sigma, mask, header = apstar_arrays(nvisits)
+def write_good_apstar(path: Path, nvisits: int = 2, source_id: str | None = None, seed: int = 0) -> Path:
+    flux, sigma, mask, header = apstar_arrays(nvisits, seed)
+    if source_id:
+        header["OBJID"] = source_id
     write_apstar(path, flux, sigma, mask, header)
     return path
 
 
-def write_good_apvisit(path: Path) -> Path:
-    wave, flux, sigma, mask, header = apvisit_arrays()
+def write_good_apvisit(path: Path, source_id: str | None = None, seed: int = 0, mjd: int = 59001) -> Path:
+    wave, flux, sigma, mask, header = apvisit_arrays(seed)
+    if source_id:
+        header["OBJID"] = source_id
+    header["MJD5"] = mjd
     write_apvisit(path, wave, flux, sigma, mask, header)
     return path
 

@@ -1,0 +1,75 @@
+"""Running planned range runs in this process (the demo and ``astra release register --run``);
+the sensor hands the same plans to the daemon instead."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dagster as dg
+
+from astra_dagster.build import materialize_assets
+from astra_dagster.release_plan import PlannedRun
+
+
+@dataclass(frozen=True)
+class AssetCounts:
+    asset: str
+    computed: int
+    skipped: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run: PlannedRun
+    run_id: str
+    success: bool
+    counts: list[AssetCounts]
+
+
+def materialize_range(
+    defs: dg.Definitions,
+    asset_keys: Sequence[dg.AssetKey],
+    first: str,
+    last: str,
+    *,
+    instance: dg.DagsterInstance,
+    run_config: dict | None = None,
+    tags: dict[str, str] | None = None,
+    log_level: str | None = "WARNING",
+) -> dg.ExecuteInProcessResult:
+    """One in-process run of ``asset_keys`` over the partition range first...last."""
+    return materialize_assets(
+        defs, asset_keys, instance=instance, run_config=run_config, log_level=log_level,
+        tags={"dagster/asset_partition_range_start": first,
+              "dagster/asset_partition_range_end": last, **(tags or {})},
+    )
+
+
+def counts_of(result: dg.ExecuteInProcessResult) -> list[AssetCounts]:
+    """Computed/skipped/failed per asset (one event per partition carries the batch's counts)."""
+    seen: dict[str, AssetCounts] = {}
+    for event in result.get_asset_materialization_events():
+        key = event.asset_key.to_user_string()
+        meta = event.materialization.metadata
+        if key in seen or "astra/computed" not in meta:
+            continue
+        seen[key] = AssetCounts(key, *(int(meta[k].value) for k in
+                                       ("astra/computed", "astra/skipped", "astra/failed")))
+    return list(seen.values())
+
+
+def run_planned(
+    defs: dg.Definitions,
+    runs: Sequence[PlannedRun],
+    asset_keys: Sequence[dg.AssetKey],
+    *,
+    instance: dg.DagsterInstance,
+) -> list[RunOutcome]:
+    outcomes = []
+    for run in runs:
+        result = materialize_range(defs, asset_keys, run.first, run.last, instance=instance,
+                                   tags={"astra/release": run.release})
+        outcomes.append(RunOutcome(run, result.run_id, result.success, counts_of(result)))
+    return outcomes

@@ -1,0 +1,121 @@
+"""From new data releases to Dagster work: register them, add partitions, plan range runs.
+
+The release sensor calls :func:`plan_new_releases` every tick; ``astra demo`` and
+``astra release register`` call the same function and run the plan in-process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from astra_dagster.db.connection import connect
+from astra_dagster.lineage.sources import block_bounds, blocks_for
+from astra_dagster.releases import Registration, complete_releases, register_release
+from astra_dagster.spectra.manifest import manifest_sha256
+
+SOURCE_BLOCKS_NAME = "source_blocks"
+#: At most this many blocks per run: a range run is one batch per asset.
+DEFAULT_BLOCKS_PER_RUN = 20
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    release: str
+    first: str
+    last: str
+    run_key: str
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"dagster/asset_partition_range_start": self.first,
+                "dagster/asset_partition_range_end": self.last,
+                "astra/release": self.release}
+
+
+@dataclass
+class ReleasePlan:
+    registrations: list[Registration] = field(default_factory=list)
+    new_partition_keys: list[str] = field(default_factory=list)
+    runs: list[PlannedRun] = field(default_factory=list)
+    cursor: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def contiguous_ranges(wanted: Sequence[str], all_keys: Sequence[str], max_len: int) -> list[tuple[str, str]]:
+    """Group ``wanted`` keys into runs of consecutive keys of ``all_keys`` (Dagster's key order)."""
+    position = {k: i for i, k in enumerate(all_keys)}
+    ordered = sorted(set(wanted), key=position.__getitem__)
+    ranges: list[tuple[str, str]] = []
+    start = prev = None
+    length = 0
+    for key in ordered:
+        if start is not None and position[key] == position[prev] + 1 and length < max_len:
+            prev, length = key, length + 1
+            continue
+        if start is not None:
+            ranges.append((start, prev))
+        start = prev = key
+        length = 1
+    if start is not None:
+        ranges.append((start, prev))
+    return ranges
+
+
+def plan_new_releases(
+    instance: dg.DagsterInstance,
+    data_root: Path,
+    cursor: str | None,
+    *,
+    block_size: int,
+    blocks_per_run: int = DEFAULT_BLOCKS_PER_RUN,
+    database_url: str | None = None,
+) -> ReleasePlan:
+    """Register every complete release not yet in the cursor and plan runs for its changed sources.
+
+    The cursor maps release name → manifest sha256, so a tick with nothing new reads only the
+    manifests' hashes. Partition keys are appended in source order, so ranges stay contiguous.
+    """
+    seen: dict[str, str] = json.loads(cursor) if cursor else {}
+    plan = ReleasePlan(cursor=dict(seen))
+    existing = list(instance.get_dynamic_partitions(SOURCE_BLOCKS_NAME))
+    known = set(existing)
+    for release_dir in complete_releases(data_root):
+        digest = manifest_sha256(release_dir)
+        if seen.get(release_dir.name) == digest:
+            continue
+        try:
+            with connect(database_url) as conn:
+                registration = register_release(conn, release_dir)
+        except ValueError as exc:  # ManifestError: report it, keep going with other releases
+            plan.errors.append(str(exc))
+            plan.cursor[release_dir.name] = digest
+            continue
+        plan.registrations.append(registration)
+        plan.cursor[release_dir.name] = digest
+        blocks = blocks_for(registration.changed_pks, block_size)
+        for key in sorted(blocks_for(registration.source_pks, block_size), key=lambda k: block_bounds(k)[0]):
+            if key not in known:
+                known.add(key)
+                existing.append(key)
+                plan.new_partition_keys.append(key)
+        for first, last in contiguous_ranges(blocks, existing, blocks_per_run):
+            plan.runs.append(PlannedRun(
+                registration.release, first, last,
+                run_key=f"{registration.release}:{registration.manifest_sha256[:12]}:{first}...{last}",
+            ))
+    return plan
+
+
+def sensor_result(plan: ReleasePlan, asset_keys: Sequence[dg.AssetKey]) -> dg.SensorResult:
+    requests = [dg.RunRequest(run_key=run.run_key, asset_selection=list(asset_keys), tags=run.tags)
+                for run in plan.runs]
+    partitions = ([dg.AddDynamicPartitionsRequest(SOURCE_BLOCKS_NAME, plan.new_partition_keys)]
+                  if plan.new_partition_keys else [])
+    skip = None if requests or partitions else dg.SkipReason("no new or changed data release")
+    return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions,
+                           cursor=json.dumps(plan.cursor, sort_keys=True), skip_reason=skip)
