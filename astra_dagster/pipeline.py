@@ -73,3 +73,22 @@ def run_planned(
                                    tags={"astra/release": run.release})
         outcomes.append(RunOutcome(run, result.run_id, result.success, counts_of(result)))
     return outcomes
+
+
+def ensure_models(
+    defs: dg.Definitions,
+    asset_keys: Sequence[dg.AssetKey],
+    *,
+    instance: dg.DagsterInstance,
+) -> list[str]:
+    """Materialise, in this process, the models the given per-source assets read but that have
+    never been materialised (what the release sensor does before its range runs)."""
+    from astra_dagster.defs.sensors import missing_models
+
+    missing = missing_models(instance, list(asset_keys))
+    if missing:
+        result = materialize_assets(defs, missing, instance=instance, log_level="WARNING")
+        if not result.success:
+            raise RuntimeError(f"training {', '.join(k.to_user_string() for k in missing)} failed "
+                               f"(Dagster run {result.run_id})")
+    return [k.to_user_string() for k in missing]

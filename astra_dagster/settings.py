@@ -21,6 +21,9 @@ class Settings:
     sources_per_partition: int
     #: Folder of data releases watched by the release sensor (``ASTRA_DATA_ROOT``).
     data_root: Path | None
+    #: Per-source assets the release sensor runs (``ASTRA_RELEASE_ASSETS``, comma-separated);
+    #: None means all of them.
+    release_assets: tuple[str, ...] | None = None
 
 
 def get_settings() -> Settings:
@@ -40,6 +43,8 @@ def get_settings() -> Settings:
         dagster_home=Path(dagster_home).expanduser() if dagster_home else astra_home / "dagster",
         sources_per_partition=block,
         data_root=Path(data_root).expanduser() if data_root else None,
+        release_assets=tuple(a.strip() for a in os.environ["ASTRA_RELEASE_ASSETS"].split(",") if a.strip())
+        if os.environ.get("ASTRA_RELEASE_ASSETS") else None,
     )
 
 

@@ -43,6 +43,7 @@ def test_daemon_runs_new_releases(clean_db: str, tmp_path: Path, monkeypatch: py
     env = {
         "ASTRA_SOURCES_PER_PARTITION": "4",
         "ASTRA_DATA_ROOT": str(data_root),
+        "ASTRA_RELEASE_ASSETS": "spectra",  # the RV and label assets have tests of their own
         "ASTRA_DAGSTER_DATABASE_URL": _with_database(server, "astra_dagster_sensor"),
         "DAGSTER_HOME": str(tmp_path / "dagster"),
     }

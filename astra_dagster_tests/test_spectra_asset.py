@@ -12,7 +12,8 @@ import pytest
 
 from astra_dagster.db.connection import connect
 from astra_dagster.definitions import defs
-from astra_dagster.defs.sensors import RELEASE_ASSETS, release_sensor
+from astra_dagster.defs.sensors import release_sensor
+from astra_dagster.defs.spectra import spectra
 from astra_dagster.pipeline import run_planned
 from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
 from astra_dagster.spectra.manifest import ReleaseSource, file_entry, write_manifest
@@ -73,7 +74,7 @@ def test_release_to_spectrum_rows_with_per_source_errors(instance: dg.DagsterIns
     assert plan.new_partition_keys == ["00000001-00000004", "00000005-00000008", "00000009-00000012"]
     assert [(r.first, r.last) for r in plan.runs] == [("00000001-00000004", "00000009-00000012")]
     instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
-    outcome = run_planned(defs, plan.runs, RELEASE_ASSETS, instance=instance)[0]
+    outcome = run_planned(defs, plan.runs, [spectra.key], instance=instance)[0]
     assert outcome.success
     assert [(c.computed, c.skipped, c.failed) for c in outcome.counts] == [(6, 0, 5)]
 
@@ -99,7 +100,7 @@ def test_release_to_spectrum_rows_with_per_source_errors(instance: dg.DagsterIns
     # Identical again: nothing new to plan, and a forced run over the range skips everything.
     again = plan_new_releases(instance, data_root, json.dumps(plan.cursor), block_size=4)
     assert again.registrations == [] and again.runs == []
-    rerun = run_planned(defs, plan.runs, RELEASE_ASSETS, instance=instance)[0]
+    rerun = run_planned(defs, plan.runs, [spectra.key], instance=instance)[0]
     assert [(c.computed, c.skipped, c.failed) for c in rerun.counts] == [(0, 6, 5)]
 
 
@@ -108,7 +109,7 @@ def test_new_release_reruns_only_changed_sources(instance: dg.DagsterInstance, t
     build_release(data_root, "r1")
     plan = plan_new_releases(instance, data_root, None, block_size=4)
     instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
-    assert counts_of_all(run_planned(defs, plan.runs, RELEASE_ASSETS, instance=instance)) == (6, 0, 0)
+    assert counts_of_all(run_planned(defs, plan.runs, [spectra.key], instance=instance)) == (6, 0, 0)
 
     # r2: the same sources, one with a new visit. Files of the others are byte-identical.
     build_release(data_root, "r2", extra_visit={GOOD[4]})
@@ -119,7 +120,7 @@ def test_new_release_reruns_only_changed_sources(instance: dg.DagsterInstance, t
     assert [r.release for r in plan2.registrations] == ["r2"]
     assert plan2.registrations[0].changed_pks == [5]
     assert [(r.first, r.last) for r in plan2.runs] == [("00000005-00000008", "00000005-00000008")]
-    assert counts_of_all(run_planned(defs, plan2.runs, RELEASE_ASSETS, instance=instance)) == (1, 1, 0)
+    assert counts_of_all(run_planned(defs, plan2.runs, [spectra.key], instance=instance)) == (1, 1, 0)
     with connect() as conn:
         rows = conn.execute(
             "select r.name, count(*) from astra.spectrum sp join astra.data_release r on r.pk = sp.release_pk "
@@ -141,6 +142,7 @@ def test_release_sensor_requests_range_runs(instance: dg.DagsterInstance, tmp_pa
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     data_root = tmp_path / "data"
     monkeypatch.setenv("ASTRA_DATA_ROOT", str(data_root))
+    monkeypatch.setenv("ASTRA_RELEASE_ASSETS", "spectra")
     data_root.mkdir()
     context = dg.build_sensor_context(instance=instance, definitions=defs)
     assert isinstance(release_sensor(context), dg.SensorResult)  # no release: a skip reason

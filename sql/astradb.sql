@@ -357,3 +357,25 @@ create index if not exists spectrum_output_pk_idx on astra.spectrum (output_pk);
 create index if not exists spectrum_source_pk_idx on astra.spectrum (source_pk);
 
 insert into astra.schema_version (version) values ('2') on conflict do nothing;
+
+-- Schema 3: trained models as task outputs, and the per-star results of the Doppler fit.
+
+-- One row per trained model (Doppler templates, The Cannon, The Payne, FERRE grids, APOGEENet):
+-- the file lives under ASTRA_HOME/models; the row says where, what class reads it, its checksum.
+create table if not exists astra.model (
+    output_pk int primary key references astra.output_interface(pk) on delete restrict,
+    model_class text not null,     -- "module:Class" with a read(path) classmethod
+    path text not null,
+    sha256 text not null,
+    size bigint not null,
+    summary jsonb
+);
+
+-- added to doppler: per-visit flags, and the star's joint-fit velocity and its visit scatter.
+alter table astra.doppler add column if not exists bitmask_flag int[];
+alter table astra.doppler add column if not exists vhelio_star real;
+alter table astra.doppler add column if not exists u_vhelio_star real;
+alter table astra.doppler add column if not exists vscatter real;
+alter table astra.doppler add column if not exists mjd int[];
+
+insert into astra.schema_version (version) values ('3') on conflict do nothing;

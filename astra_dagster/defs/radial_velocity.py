@@ -1,0 +1,131 @@
+"""Radial velocities: the Doppler template set (a model asset) and the per-source ``doppler`` asset."""
+
+# No "from __future__ import annotations" here: Dagster reads Config annotations at runtime.
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
+from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
+from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
+from astra_dagster.lineage.model_io import LoadedModel
+from astra_dagster.methods.doppler import fit_star
+from astra_dagster.methods.emulator import Emulator, load_templates, train_generator_emulators
+from astra_dagster.spectra.apogee import read_apvisit
+
+
+class TemplateSet:
+    """The template families Doppler fits with, written as one folder of emulator files."""
+
+    def __init__(self, emulators: list[Emulator]):
+        if not emulators:
+            raise ValueError("a template set needs at least one emulator")
+        self.emulators = emulators
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True)
+        for i, emulator in enumerate(self.emulators):
+            emulator.save(folder / f"{i:02d}_{emulator.name}.npz")
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> "TemplateSet":
+        return cls([Emulator.load(p) for p in sorted(Path(path).glob("*.npz"))])
+
+
+class DopplerTemplates(AstraConfig):
+    """Which template families the RV fits use, and how the generator-trained ones are trained."""
+
+    task_family: ClassVar[str] = "Doppler.TrainTemplates"
+
+    kind: str = Field(
+        default="generator",
+        description="'generator' (emulators trained on the synthetic generator: synthetic releases), "
+        "'synspec' (Doppler's Synspec grids from the thedoppler wheel: real data) or 'auto' (both; "
+        "the cross-correlation picks per spectrum).",
+    )
+    n_train: int = Field(default=3000, description="Training stars for the cool-star families.")
+    n_hot: int = Field(default=400, description="Training stars for the hot-star family.")
+    seed: int = Field(default=271828, description="Seed of the independent training grid.")
+
+
+def _templates(config: DopplerTemplates) -> dict[str, Any]:
+    generator = None
+    if config.kind in ("generator", "auto"):
+        generator = train_generator_emulators(config.n_train, config.n_hot, config.seed)
+    emulators = load_templates(config.kind, generator=generator)
+    return {"model": TemplateSet(emulators), "families": [e.name for e in emulators]}
+
+
+@dg.asset(
+    group_name="radial_velocity",
+    io_manager_key="astra_model_io_manager",
+    kinds={"python", "numpy"},
+    metadata={RESULT_TABLE_KEY: "model", "astra/task_family": DopplerTemplates.task_family},
+)
+def doppler_templates(context: dg.AssetExecutionContext, config: DopplerTemplates) -> TaskBatch:
+    """Cannon-style emulators of normalised flux vs (Teff, logg, [Fe/H]) used as RV templates."""
+    from astra_dagster.spectra import synth
+
+    return run_tasks(context, config, [TaskItem(params={"generator_version": synth.GENERATOR_VERSION})],
+                     lambda _: _templates(config), table="model", batch=False)
+
+
+class EstimateRadialVelocity(SourceTaskConfig):
+    """Doppler-style RVs of every visit of a source, with a joint fit over its visits."""
+
+    task_family: ClassVar[str] = "Doppler.EstimateRadialVelocity"
+
+    vrange: float = Field(default=1000.0, description="Cross-correlation search range, ±km/s.")
+
+
+def _nan(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def estimate(config: EstimateRadialVelocity, item: TaskItem, templates: list[Emulator]) -> dict[str, Any]:
+    visits = [row for row in item.payload["rows"] if row["file_format"] == "apVisit"]
+    if not visits:
+        raise ValueError(f"{item.source_id}: no apVisit spectra to measure")
+    visits.sort(key=lambda row: (row["mjd"] or 0, row["path"]))
+    star = fit_star([read_apvisit(row["path"]) for row in visits], templates, vrange=config.vrange)
+    columns = ("vhelio", "vrel", "u_vrel", "teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h", "chisq", "bc")
+    result: dict[str, Any] = {c: [_nan(getattr(v, c)) for v in star.visits] for c in columns}
+    result["bitmask_flag"] = [int(v.flags) for v in star.visits]
+    result["mjd"] = [row["mjd"] for row in visits]
+    result["vhelio_star"] = _nan(star.vhelio)
+    result["u_vhelio_star"] = _nan(star.u_vhelio)
+    result["vscatter"] = _nan(star.vscatter)
+    return result
+
+
+@dg.asset(
+    partitions_def=SOURCE_BLOCKS,
+    backfill_policy=RANGE_POLICY,
+    group_name="radial_velocity",
+    io_manager_key="astra_io_manager",
+    kinds={"python", "postgres"},
+    metadata={RESULT_TABLE_KEY: "doppler", "astra/task_family": EstimateRadialVelocity.task_family},
+)
+def doppler(
+    context: dg.AssetExecutionContext,
+    config: EstimateRadialVelocity,
+    spectra: dict,
+    doppler_templates: LoadedModel,
+) -> TaskBatch:
+    """One ``astra.doppler`` row per source: an element per apVisit (by MJD), plus the star's
+    joint-fit velocity and visit scatter."""
+    _, first_last = partition_range(context)
+    templates = doppler_templates.model.emulators
+    items = [
+        TaskItem(payload=entry, source_pk=pk, source_id=entry["source_id"],
+                 params={"input_task_id": entry["task_id"], "templates_task_id": doppler_templates.task_id})
+        for pk, entry in sorted(spectra.items())
+    ]
+    return run_tasks(context, config, items, lambda item: estimate(config, item, templates),
+                     table="doppler", batch=True, partition_range=first_last)
