@@ -521,10 +521,8 @@ class _Grid:
 def _grid(step: float, aligned: bool) -> _Grid:
     lines = _line_list()
     lo, hi = math.log10(GRID_RANGE[0]), math.log10(GRID_RANGE[1])
-    if aligned:  # same phase as the apStar grid: apStar pixels are internal pixels
-        start = APSTAR_CRVAL1 - math.ceil((APSTAR_CRVAL1 - lo) / step) * step
-    else:
-        start = lo
+    # aligned: same phase as the apStar grid, so apStar pixels are internal pixels
+    start = APSTAR_CRVAL1 - math.ceil((APSTAR_CRVAL1 - lo) / step) * step if aligned else lo
     n_data = math.ceil((hi - start) / step) + 1
     n_fft = sfft.next_fast_len(n_data + 256, real=True)
     freq = np.fft.rfftfreq(n_fft)
