@@ -267,3 +267,11 @@ def test_source_names_are_2mass_style() -> None:
     name = rs.source_name(15.5 * 15 + 0.001, -12.5)
     assert name.startswith("2M1530") and name[10] == "-" and len(name) == 18
     assert json.dumps(name)  # plain ASCII
+
+
+def test_training_draws_are_independent_of_release_draws() -> None:
+    seed = 5
+    training = synth.make_training_set(20, seed, wavelength=np.linspace(15200.0, 15300.0, 50)).labels["teff"]
+    released = np.array([rs._draw_source(seed, i).labels["teff"] for i in range(20)])
+    assert not np.any(np.isin(np.round(training, 6), np.round(released, 6)))
+    assert abs(np.corrcoef(training, released)[0, 1]) < 0.6
