@@ -198,6 +198,113 @@ def task_rerun(ref: str, force: bool) -> None:
         raise AstraCliError(f"re-run of {report.task_id} failed (Dagster run {report.run_id})")
 
 
+# ---------------------------------------------------------------------------- releases
+
+
+@main.group()
+def release() -> None:
+    """Data releases: generate a synthetic one, register one."""
+
+
+@release.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--release", "name", required=True, help="Release name (a folder under DIRECTORY).")
+@click.option("--sources", type=click.IntRange(min=1), required=True, help="Number of sources.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@one_line_errors
+def release_generate(directory: Path, name: str, sources: int, seed: int) -> None:
+    """Write a synthetic release (apVisit + apStar files, truth table, manifest last)."""
+    from astra_dagster.spectra.release import generate_release
+
+    path = generate_release(directory, name, sources, seed, progress=True)
+    click.echo(f"release {name}: {sources} sources in {path}")
+
+
+@release.command("register")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--run/--no-run", default=False,
+              help="Also run the release's assets over its new or changed sources, in this process.")
+@one_line_errors
+def release_register(directory: Path, run: bool) -> None:
+    """Register one release folder (as the release sensor would) and add its partitions."""
+    from astra_dagster.build import load_definitions
+    from astra_dagster.defs.sensors import release_assets
+    from astra_dagster.instance import get_instance
+    from astra_dagster.pipeline import ensure_models, run_planned
+    from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+
+    initialise(echo=False)
+    settings = get_settings()
+    instance = get_instance(settings)
+    plan = plan_new_releases(instance, directory.resolve().parent, None,
+                             block_size=settings.sources_per_partition)
+    plan.registrations = [r for r in plan.registrations if r.release == directory.name] or plan.registrations
+    if plan.errors:
+        raise AstraCliError(plan.errors[0])
+    if plan.new_partition_keys:
+        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+    for reg in plan.registrations:
+        state = "already registered" if reg.already_registered else "registered"
+        click.echo(f"release {reg.release} {state}: {len(reg.source_pks)} sources, "
+                   f"{len(reg.new_pks)} new, {len(reg.changed_pks)} new or changed")
+    click.echo(f"{len(plan.new_partition_keys)} new partitions; {len(plan.runs)} range run(s) planned")
+    if run:
+        assets = release_assets(settings.release_assets)
+        defs = load_definitions()
+        for name in ensure_models(defs, assets, instance=instance):
+            click.echo(f"trained {name}")
+        for outcome in run_planned(defs, plan.runs, assets, instance=instance):
+            counts = ", ".join(f"{c.asset}: {c.computed} computed, {c.skipped} skipped, {c.failed} failed"
+                               for c in outcome.counts)
+            click.echo(f"  {outcome.run.first}...{outcome.run.last}: "
+                       f"{'ok' if outcome.success else 'FAILED'} ({counts})")
+
+
+# ---------------------------------------------------------------------------- radial velocities
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and value != value:  # NaN → null: JSON has no NaN
+        return None
+    return value
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--templates", type=click.Choice(["auto", "synspec", "generator"]), default="auto",
+              show_default=True,
+              help="Template families: Synspec grids (real stars), generator-trained (synthetic releases), or "
+              "both with the cross-correlation choosing per spectrum.")
+@click.option("--vrange", type=float, default=1000.0, show_default=True, help="Search range, ±km/s.")
+@one_line_errors
+def rv(files: tuple[Path, ...], templates: str, vrange: float) -> None:
+    """Measure radial velocities of apVisit/apStar files (no database): one JSON object per
+    spectrum per line. RVs stored in the files are never read."""
+    from astra_dagster.methods.doppler import fit_visit
+    from astra_dagster.methods.emulator import load_templates, train_generator_emulators
+    from astra_dagster.spectra.errors import SpectrumFormatError
+    from astra_dagster.spectra.io import read_spectra
+
+    generator = train_generator_emulators() if templates == "generator" else None
+    emulators = load_templates(templates, generator=generator)
+    failures = 0
+    for path in files:
+        try:
+            spectra = read_spectra(path)
+        except SpectrumFormatError as exc:
+            click.echo(f"astra: {exc}", err=True)
+            failures += 1
+            continue
+        for spectrum in spectra:
+            result = fit_visit(spectrum, emulators, vrange=vrange)
+            record = {"file": str(path), "index": spectrum.meta.get("index", 0),
+                      "kind": spectrum.meta.get("kind"), "frame": spectrum.meta.get("frame")}
+            record.update({k: _json_number(v) for k, v in result.to_dict().items()})
+            click.echo(json.dumps(record))
+    if failures:
+        raise AstraCliError(f"{failures} of {len(files)} file(s) could not be read")
+
+
 # ---------------------------------------------------------------------------- backfills
 
 

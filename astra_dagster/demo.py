@@ -69,6 +69,70 @@ def seed_example(echo: Echo) -> None:
         raise RuntimeError("some seed-example runs failed; see the Dagster UI (astra ui)")
 
 
+DEMO_RELEASE = "synth-demo-1"
+DEMO_SOURCES = 24
+DEMO_SEED = 20261125
+
+
+def release_example(echo: Echo) -> None:
+    """Generate a small synthetic release, let the release-sensor code path pick it up, run it."""
+    from astra_dagster.build import load_definitions
+    from astra_dagster.defs.sensors import release_assets
+    from astra_dagster.instance import get_instance
+    from astra_dagster.pipeline import ensure_models, run_planned
+    from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, PlannedRun, plan_new_releases
+    from astra_dagster.settings import get_settings
+    from astra_dagster.spectra.manifest import MANIFEST_NAME
+    from astra_dagster.spectra.release import generate_release
+
+    settings = get_settings()
+    data_root = settings.data_root or settings.astra_home / "data"
+    release_dir = data_root / DEMO_RELEASE
+    echo(f"A synthetic data release: {DEMO_SOURCES} sources in {release_dir}")
+    if not (release_dir / MANIFEST_NAME).exists():
+        generate_release(data_root, DEMO_RELEASE, DEMO_SOURCES, DEMO_SEED, progress=True)
+    else:
+        echo("  (already generated)")
+    instance = get_instance(settings)
+    defs = load_definitions()
+    plan = plan_new_releases(instance, data_root, None, block_size=settings.sources_per_partition)
+    for error in plan.errors:
+        echo(f"  skipped a release: {error}")
+    if plan.new_partition_keys:
+        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+    runs = plan.runs
+    if not runs:  # everything registered before: run over the whole release to show memoisation
+        with connect() as conn:
+            pks = [r[0] for r in conn.execute(
+                "select rs.source_pk from astra.release_source rs join astra.data_release r "
+                "on r.pk = rs.release_pk where r.name = %s order by 1", (DEMO_RELEASE,))]
+        from astra_dagster.lineage.sources import blocks_for
+
+        keys = blocks_for(pks, settings.sources_per_partition)
+        runs = [PlannedRun(DEMO_RELEASE, keys[0], keys[-1], run_key="demo")] if keys else []
+    for reg in plan.registrations:
+        echo(f"  release {reg.release}: {len(reg.source_pks)} sources registered, "
+             f"{len(reg.changed_pks)} new or changed, {len(plan.new_partition_keys)} new partitions")
+    assets = release_assets(settings.release_assets)
+    trained = ensure_models(defs, assets, instance=instance)
+    if trained:
+        echo(f"  trained {', '.join(trained)}")
+    failed = False
+    for outcome in run_planned(defs, runs, assets, instance=instance):
+        for c in outcome.counts:
+            echo(f"  {c.asset} over {outcome.run.first}...{outcome.run.last}: {c.computed} computed, "
+                 f"{c.skipped} skipped, {c.failed} failed")
+        failed |= not outcome.success
+    with connect() as conn:
+        n_spectra, n_visits, n_sources = conn.execute(
+            "select count(*), count(*) filter (where file_format = 'apVisit'), count(distinct source_pk) "
+            "from astra.spectrum").fetchone()
+    echo(f"  astra.spectrum: {n_spectra} spectra ({n_visits} apVisit) of {n_sources} sources")
+    if failed:
+        raise RuntimeError("a release run failed; see `astra ui`")
+
+
 def run_demo(echo: Echo) -> None:
     seed_example(echo)
+    release_example(echo)
     echo("Done. Inspect a task with `astra task show <task_id>`; browse runs with `astra ui`.")
