@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from astra_dagster.db.connection import connect
+from astra_dagster.db.schema import ensure_schema
 from astra_dagster.lineage.sources import block_bounds, blocks_for
 from astra_dagster.releases import Registration, complete_releases, register_release
 from astra_dagster.spectra.manifest import manifest_sha256
@@ -80,6 +81,7 @@ def plan_new_releases(
     The cursor maps release name → manifest sha256, so a tick with nothing new reads only the
     manifests' hashes. Partition keys are appended in source order, so ranges stay contiguous.
     """
+    ensure_schema(database_url)
     seen: dict[str, str] = json.loads(cursor) if cursor else {}
     plan = ReleasePlan(cursor=dict(seen))
     existing = list(instance.get_dynamic_partitions(SOURCE_BLOCKS_NAME))
