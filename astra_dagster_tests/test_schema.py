@@ -102,3 +102,16 @@ def test_link_references_are_enforced(clean_db: str) -> None:
     ]:
         with pytest.raises(psycopg.errors.ForeignKeyViolation), connect() as conn:
             conn.execute(statement, args)
+
+
+def test_thecannon_migration_keeps_existing_rows(clean_db: str) -> None:
+    """A database made with the original placeholder table keeps its teff values as arrays."""
+    with connect() as conn:
+        conn.execute("drop table astra.thecannon")
+        conn.execute("create table astra.thecannon (output_pk int primary key "
+                     "references astra.output_interface(pk), teff real)")
+        conn.execute("insert into astra.output_interface default values")
+        conn.execute("insert into astra.thecannon values (1, 4800.5)")
+        init_schema(conn)
+        init_schema(conn)
+        assert conn.execute("select teff, logg from astra.thecannon").fetchone() == ([4800.5], None)

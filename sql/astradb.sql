@@ -379,3 +379,35 @@ alter table astra.doppler add column if not exists vscatter real;
 alter table astra.doppler add column if not exists mjd int[];
 
 insert into astra.schema_version (version) values ('3') on conflict do nothing;
+
+-- Schema 4: the label tables. The original thecannon table was a placeholder with one scalar
+-- teff; it becomes a per-spectrum table like the others (existing values become one-element
+-- arrays, nothing is lost).
+do $$
+begin
+    if (select data_type from information_schema.columns
+        where table_schema = 'astra' and table_name = 'thecannon' and column_name = 'teff') = 'real' then
+        alter table astra.thecannon
+            alter column teff type real[] using case when teff is null then null else array[teff] end;
+    end if;
+end $$;
+alter table astra.thecannon add column if not exists u_teff real[];
+alter table astra.thecannon add column if not exists logg real[];
+alter table astra.thecannon add column if not exists u_logg real[];
+alter table astra.thecannon add column if not exists fe_h real[];
+alter table astra.thecannon add column if not exists u_fe_h real[];
+alter table astra.thecannon add column if not exists alpha_m real[];
+alter table astra.thecannon add column if not exists u_alpha_m real[];
+alter table astra.thecannon add column if not exists snr real[];
+alter table astra.thecannon add column if not exists r_chi_sq real[];
+alter table astra.thecannon add column if not exists bitmask_flag int[];
+
+-- added to thepayne: [α/M] (what this Payne fits instead of separate α elements), the RV
+-- offset fitted with the labels, and the fit quality.
+alter table astra.thepayne add column if not exists alpha_m real[];
+alter table astra.thepayne add column if not exists u_alpha_m real[];
+alter table astra.thepayne add column if not exists rv real[];
+alter table astra.thepayne add column if not exists u_rv real[];
+alter table astra.thepayne add column if not exists r_chi_sq real[];
+
+insert into astra.schema_version (version) values ('4') on conflict do nothing;
