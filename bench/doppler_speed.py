@@ -45,13 +45,11 @@ def _real() -> tuple[list, list]:
 
 
 def _synth(n: int, seed: int) -> tuple[list, list]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from doppler_accuracy import synthetic_visits
-
-    from astra_dagster.methods.emulator import train_generator_emulator
+    from astra_dagster.methods.emulator import train_generator_emulators
+    from astra_dagster_tests.doppler_synth import synthetic_visits
 
     visits = synthetic_visits(n, seed, snr_range=(20.0, 150.0))
-    return [v.spectrum for v in visits], [train_generator_emulator()]
+    return [v.spectrum for v in visits], train_generator_emulators()
 
 
 def _toy(n: int, seed: int) -> tuple[list, list]:

@@ -122,6 +122,7 @@ class VisitRV:
     template: str = ""
     n_pixels: int = 0
     ccf_vrel: float = math.nan
+    vsini: float = 0.0
     message: str = ""
 
     @property
@@ -158,6 +159,7 @@ class StarRV:
     n_good_visits: int
     flags: int
     template: str = ""
+    vsini: float = 0.0
     message: str = ""
 
     @property
@@ -562,19 +564,20 @@ class _VisitModel:
     Parameters: ``[teff, logg, fe_h, v, a_0 .. a_{n_cont-1}]``.
     """
 
-    def __init__(self, prep: _Prepared, emulator: Emulator):
+    def __init__(self, prep: _Prepared, emulator: Emulator, v: float = 0.0, vsini: float = 0.0):
         self.em = emulator
+        # Extra rotational broadening applied to every template spectrum (0: none).
+        self.vsini = float(vsini)
+        self._kernel = emulator.rotation_kernel(vsini) if vsini > 0 else None
+        self._half = 0 if self._kernel is None else self._kernel.size // 2
+        self._kernel_fft: dict[int, np.ndarray] = {}
         self.x = prep.ln_wave
         self.f = prep.flux
         self.basis = prep.basis
         chip = prep.chip
-        ivar = prep.ivar
-        if emulator.s2 is not None:
-            i = np.clip(np.round((self.x - emulator.ln_start) / emulator.ln_step).astype(int),
-                        0, emulator.n_pixels - 1)
-            s2 = emulator.s2[i]
-            ivar = ivar / (1.0 + ivar * s2)
-        self.sw = np.sqrt(ivar)
+        self.ivar = prep.ivar
+        self.rejected = np.zeros(self.x.size, dtype=bool)
+        self.set_weights(v)
         # Pixels are sorted by wavelength, so each chip is one contiguous block of rows and
         # the continuum part of the Jacobian is block-diagonal.
         n_b = CONTINUUM_ORDER + 1
@@ -585,6 +588,17 @@ class _VisitModel:
         self.n_params = 4 + self.n_cont
         self._jac = np.zeros((self.x.size, self.n_params))
 
+    def set_weights(self, v: float) -> None:
+        """Pixel weights 1/(σ² + s²) with the emulator's model variance s² taken where each
+        pixel lands for velocity ``v``: s² is large at the lines the emulator gets wrong, and
+        weights misaligned with the lines would bias the velocity."""
+        ivar = self.ivar
+        if self.em.s2 is not None:
+            u = (self.x - math.log1p(v / C_KMS) - self.em.ln_start) / self.em.ln_step
+            i = np.clip(np.rint(u).astype(np.int64), 0, self.em.n_pixels - 1)
+            ivar = ivar / (1.0 + ivar * self.em.s2[i])
+        self.sw = np.where(self.rejected, 0.0, np.sqrt(ivar))
+
     @property
     def n_used(self) -> int:
         """Pixels with weight (rejected outliers have none)."""
@@ -592,13 +606,33 @@ class _VisitModel:
 
     def reject(self, bad: np.ndarray) -> None:
         """Give no weight to the ``bad`` pixels from now on."""
-        self.sw = np.where(bad, 0.0, self.sw)
+        self.rejected |= bad
+        self.sw = np.where(self.rejected, 0.0, self.sw)
 
     def continuum(self, coef: np.ndarray) -> np.ndarray:
         cont = np.empty(self.x.size)
         for r0, r1, c0, c1 in self.blocks:
             cont[r0:r1] = self.basis[r0:r1] @ coef[c0 - 4:c1 - 4]
         return cont
+
+    def _emulate(self, lo: int, hi: int, mat: np.ndarray) -> np.ndarray:
+        """``theta[lo:hi] @ mat``, broadened by the rotation kernel when ``vsini`` > 0 (the
+        product is taken on a wider range, then convolved and cut back to [lo, hi))."""
+        em = self.em
+        h = self._half
+        if h == 0:
+            return em.theta[lo:hi] @ mat
+        if lo - h < 0 or hi + h > em.n_pixels:
+            raise DopplerError(f"rotational broadening of {self.vsini:g} km/s runs off the template {em.name}")
+        g = em.theta[lo - h:hi + h] @ mat
+        n_fft = sp_fft.next_fast_len(g.shape[0])
+        kf = self._kernel_fft.get(n_fft)
+        if kf is None:
+            assert self._kernel is not None
+            kf = self._kernel_fft[n_fft] = sp_fft.rfft(self._kernel, n_fft)
+        spec = sp_fft.rfft(g, n_fft, axis=0)
+        spec *= kf if g.ndim == 1 else kf[:, None]
+        return sp_fft.irfft(spec, n_fft, axis=0)[2 * h:2 * h + (hi - lo)]
 
     def _positions(self, v: float) -> tuple[np.ndarray, np.ndarray, int, int]:
         em = self.em
@@ -627,9 +661,9 @@ class _VisitModel:
                 raise DopplerError(f"velocity {v:.1f} km/s is outside the precomputed template range")
         elif jacobian:
             vec, dvec = em.label_vector_and_derivatives(labels)
-            g = em.theta[lo:hi] @ np.column_stack([vec, dvec])
+            g = self._emulate(lo, hi, np.column_stack([vec, dvec]))
         else:
-            g = em.theta[lo:hi] @ em.label_vector(labels)
+            g = self._emulate(lo, hi, em.label_vector(labels))
         w, dw = _cubic_weights(t, derivative=g.ndim == 2)
         vals = _interpolator(k, w, g.shape[0]) @ g
         if g.ndim == 1:
@@ -644,7 +678,7 @@ class _VisitModel:
         _, _, lo1, hi1 = self._positions(vmax)
         _, _, lo0, hi0 = self._positions(vmin)
         lo, hi = min(lo0, lo1), max(hi0, hi1)
-        return lo, self.em.theta[lo:hi] @ self.em.label_vector(labels)
+        return lo, self._emulate(lo, hi, self.em.label_vector(labels))
 
     def residuals(self, p: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Weighted residuals sw·(f − model) and the weighted model Jacobian (n, n_params)."""
@@ -673,7 +707,8 @@ class _VisitModel:
         so each evaluation is one (n_pix × n_terms) product. Its Jacobian has a zero v column."""
         k, t, lo, hi = self._positions(v)
         w, _ = _cubic_weights(t, derivative=False)
-        basis = _interpolator(k, w, hi - lo) @ self.em.theta[lo:hi]
+        theta = self.em.theta[lo:hi] if self._half == 0 else self._emulate(lo, hi, np.eye(self.em.theta.shape[1]))
+        basis = _interpolator(k, w, hi - lo) @ theta
 
         def fun(p: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
             if jacobian:
@@ -757,12 +792,26 @@ def _lm_normal(
         g_s = g / d
         improved = False
         gain = 0.0
+        at_lower = p[idx] <= lower[idx]
+        at_upper = p[idx] >= upper[idx]
         for _ in range(12):
+            # Active set: a parameter on its bound whose step points outward stays put, and
+            # the step of the others is solved without it (otherwise the clipped step is not
+            # downhill and the damping only grows).
+            use = np.ones(idx.size, dtype=bool)
             try:
-                step = np.linalg.solve(a_s + lam * np.eye(idx.size), g_s) / d
+                for _pass in range(3):
+                    sub = np.flatnonzero(use)
+                    step_sub = np.linalg.solve(a_s[np.ix_(sub, sub)] + lam * np.eye(sub.size), g_s[sub])
+                    out = (at_lower[sub] & (step_sub < 0)) | (at_upper[sub] & (step_sub > 0))
+                    if not np.any(out):
+                        break
+                    use[sub[out]] = False
             except np.linalg.LinAlgError:
                 lam *= 10
                 continue
+            step = np.zeros(idx.size)
+            step[sub] = step_sub / d[sub]
             trial = p.copy()
             trial[idx] += step
             trial = np.clip(trial, lower, upper)
@@ -814,7 +863,7 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     Returns the model, the fit and the free-parameter mask.
     """
     emulator = ccf.emulator
-    model = _VisitModel(prep, emulator)
+    model = _VisitModel(prep, emulator, ccf.vrel)
     labels0 = emulator.clip(ccf.labels)
     coef, _ = model.solve_continuum(labels0, ccf.vrel)
     p0 = np.concatenate([labels0, [ccf.vrel], coef])
@@ -835,11 +884,17 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
         chi2 = [model.solve_continuum(p0[:3], float(v), grid)[1] for v in vs]
         p0[3] = float(vs[int(np.argmin(chi2))])
     free[:] = True
+    model.set_weights(float(p0[3]))
     res = _levenberg_marquardt(model.residuals, p0, free, lower, upper)
-    # Reject > CLIP_SIGMA residuals (sky residuals, bad pixels the mask missed) and refit.
+    # Reject > CLIP_SIGMA residuals (sky residuals, bad pixels the mask missed) and refit, with
+    # the weights following the star's final position.
     bad = np.abs(res.residuals) > CLIP_SIGMA
-    if np.any(bad) and (~bad).sum() >= MIN_GOOD_PIXELS:
-        model.reject(bad)
+    # s² weights misplaced by δv bias v by ~2 % of δv (measured): refit when δv > 0.5 km/s.
+    moved = abs(res.p[3] - p0[3]) > 0.5 and model.em.s2 is not None
+    if (np.any(bad) and (~bad).sum() >= MIN_GOOD_PIXELS) or moved:
+        if (~bad).sum() >= MIN_GOOD_PIXELS:
+            model.reject(bad)
+        model.set_weights(float(res.p[3]))
         res = _levenberg_marquardt(model.residuals, res.p, free, lower, upper)
     return model, res, free
 
@@ -854,6 +909,69 @@ def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
 def _doubtful(res: _LMResult, emulator: Emulator, ccf: _CCFResult) -> bool:
     """A fit worth checking against another template family."""
     return _at_label_edge(emulator, res.p[:3]) or not res.converged or ccf.significance < _WEAK_CCF
+
+
+#: Extra rotational broadening tried on the templates (km/s), in order; the search stops at the
+#: first value that does not lower χ² by more than _BROADENING_DCHI2, then a parabola through
+#: the neighbouring values refines it.
+_VSINI_STEPS = (6.0, 9.0, 13.0, 18.0, 25.0, 35.0, 50.0, 70.0, 100.0, 140.0, 200.0, 280.0)
+_BROADENING_DCHI2 = 25.0
+#: Smaller extra broadening is not applied: below ~2 LSF pixels it is degenerate with the
+#: templates' macroturbulence and label mismatch and did not improve velocities (measured).
+_MIN_VSINI = 12.0
+
+
+def _chi2_free_depth(model: _VisitModel, labels: np.ndarray, v: float, cont: np.ndarray,
+                     grid: tuple[int, np.ndarray]) -> float:
+    """χ² of ``continuum × (1 + β (T - 1))`` with the continuum polynomials and the line-depth
+    scale β solved linearly: compares line *shapes* whatever the depths."""
+    flux, _, _ = model.template(labels, v, jacobian=False, grid_flux=grid)
+    x = np.zeros((flux.size, model.n_cont + 1))
+    for r0, r1, c0, c1 in model.blocks:
+        x[r0:r1, c0 - 4:c1 - 4] = model.basis[r0:r1]
+    x[:, -1] = cont * (flux - 1.0)
+    xw = x * model.sw[:, None]
+    y = model.f * model.sw
+    gram = xw.T @ xw
+    gram[np.diag_indices_from(gram)] += 1e-12 * np.trace(gram)
+    coef = np.linalg.solve(gram, xw.T @ y)
+    r = y - xw @ coef
+    return float(r @ r)
+
+
+def _broadening(model: _VisitModel, p: np.ndarray) -> float:
+    """Extra rotational broadening (km/s) that best fits the spectrum at fixed labels and
+    velocity, or 0. Line depths are free in this comparison (a template whose lines are too
+    deep must not be "fixed" by smearing them out). Each step convolves one template spectrum
+    (not the emulator), so slow rotators pay one step."""
+    em = model.em
+    labels, v = p[:3], float(p[3])
+    flux = em.flux(labels)
+    cont = model.continuum(p[4:])
+    _, _, lo, hi = model._positions(v)
+    values, chi2s = [0.0], [_chi2_free_depth(model, labels, v, cont, (0, flux))]
+    n_fft = sp_fft.next_fast_len(flux.size)
+    spec = sp_fft.rfft(flux - 1.0, n_fft)
+    for vsini in _VSINI_STEPS:
+        kernel = em.rotation_kernel(vsini)
+        h = kernel.size // 2
+        if lo - h < 0 or hi + h > em.n_pixels:
+            break
+        conv = np.roll(sp_fft.irfft(spec * sp_fft.rfft(kernel, n_fft), n_fft), -h)[:flux.size] + 1.0
+        values.append(vsini)
+        chi2s.append(_chi2_free_depth(model, labels, v, cont, (0, conv)))
+        if chi2s[-1] > min(chi2s[:-1]) - _BROADENING_DCHI2:
+            break
+    i = int(np.argmin(chi2s))
+    if i == 0:
+        return 0.0
+    if i + 1 < len(values):
+        x = np.array(values[i - 1:i + 2])
+        y = np.array(chi2s[i - 1:i + 2])
+        coef = np.polyfit(x, y, 2)
+        if coef[0] > 0:
+            return float(np.clip(-coef[1] / (2 * coef[0]), x[0], x[2]))
+    return float(values[i])
 
 
 def _fine_rv(model: _VisitModel, p: np.ndarray, sigma_v: float) -> tuple[float, bool]:
@@ -954,18 +1072,44 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         if not cand.edge and far and all(abs(cand.vrel - t.vrel) > 3.0 for t in tried):
             attempt(cand)
     if not fits or _doubtful(fits[0][3], ccf.emulator, ccf):
+        # Other families' best templates, and the next coarse template of the same family
+        # (a different start in (Teff, logg) escapes a local minimum).
         for em in emulators:
             other = next((c for c in candidates if c.emulator is em and not c.edge), None)
-            if other is not None and all(t.emulator is not em for t in tried):
+            # Only families whose templates correlate about as well as the best one.
+            if (other is not None and other.significance >= 0.5 * ccf.significance
+                    and all(t.emulator is not em for t in tried)):
                 attempt(other)
+        settled = any(not _doubtful(f[3], f[5].emulator, f[5]) for f in fits)
+        same = [c for c in candidates if c.emulator is ccf.emulator and not c.edge
+                and all(c is not t for t in tried)]
+        if same and not settled:
+            attempt(same[0])
     if not fits:
         flags |= DopplerFlag.FIT_FAILED
         msg = f"{prep.source}: no template could be fitted ({'; '.join(errors)})"
         return _VisitFit(_failed(prep, spectrum, flags, bc, msg, template=ccf.emulator.name), prep)
     _, _, model, res, free, ccf = min(fits, key=lambda f: (f[0], f[1]))
-    emulator = ccf.emulator
     if ccf.significance < _WEAK_CCF:
         flags |= DopplerFlag.WEAK_CCF
+    # Rotation: broader lines than the templates' bias the labels and, with the asymmetric
+    # LSF, the velocity; find the broadening that lowers χ² and refit with it.
+    vsini = _broadening(model, res.p)
+    if vsini < _MIN_VSINI:
+        vsini = 0.0
+    else:
+        try:
+            broad = _VisitModel(prep, model.em, float(res.p[3]), vsini=vsini)
+            broad.reject(model.rejected)
+            lower, upper = _bounds(broad.em, broad.n_params, float(res.p[3]), vrange)
+            res_b = _levenberg_marquardt(broad.residuals, res.p, free, lower, upper)
+            if res_b.chi2 / max(broad.n_used, 1) < res.chi2 / max(model.n_used, 1):
+                model, res = broad, res_b
+            else:
+                vsini = 0.0
+        except DopplerError:
+            vsini = 0.0
+    emulator = model.em
 
     n = model.n_used
     dof = max(n - int(np.sum(free)), 1)
@@ -981,6 +1125,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     inflate = math.sqrt(max(chisq, 1.0))
     err = np.sqrt(np.diag(res.cov)[:4]) * inflate
     vrel, scan_edge = _fine_rv(model, res.p, float(err[3]))
+    err[3] = math.hypot(err[3], rv_floor(model.em))
     if scan_edge:
         flags |= DopplerFlag.RV_SCAN_EDGE
     labels = res.p[:3]
@@ -990,7 +1135,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         vrel=vrel, u_vrel=float(err[3]), teff=float(labels[0]), u_teff=float(err[0]),
         logg=float(labels[1]), u_logg=float(err[1]), fe_h=float(labels[2]), u_fe_h=float(err[2]),
         chisq=float(chisq), bc=bc, vhelio=vrel + bc, flags=int(flags), snr=prep.snr,
-        template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel),
+        template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel), vsini=vsini,
     )
     return _VisitFit(result, prep, model, res)
 
@@ -1010,6 +1155,40 @@ def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
     if not (np.isfinite(vrange) and vrange > 0):
         raise DopplerError(f"vrange must be a positive number of km/s, got {vrange}")
     return _fit_visit_state(spectrum, emulators, vrange).result
+
+
+def rv_floor(emulator: Emulator) -> float:
+    """The emulator's velocity error floor from template mismatch (km/s; 0 when uncalibrated)."""
+    value = emulator.meta.get("rv_floor")
+    return float(value) if value is not None and np.isfinite(value) else 0.0
+
+
+def calibrate_rv_floor(templates: Emulator | Sequence[Emulator],
+                       spectra: Sequence[tuple[Spectrum, float]], *, noise_free: bool = True) -> float:
+    """Velocity error floor of a template set from spectra with known ``vrel``.
+
+    The spectra should be renderings of stars the templates were not trained on, with their
+    hidden labels (rotation, macroturbulence, C, N, α) scattering as in real stars; what their
+    velocity errors show beyond noise is template mismatch. For noise-free spectra (the
+    default) that is the robust σ (1.4826 MAD) of Δv itself; otherwise the median formal error
+    is removed in quadrature.
+    """
+    emulators = as_emulators(templates)
+    saved = [e.meta.pop("rv_floor", None) for e in emulators]
+    try:
+        results = [(fit_visit(s, emulators), v) for s, v in spectra]
+    finally:
+        for e, value in zip(emulators, saved, strict=True):
+            if value is not None:
+                e.meta["rv_floor"] = value
+    dv = np.array([r.vrel - v for r, v in results if r.ok])
+    u = np.array([r.u_vrel for r, _ in results if r.ok])
+    if dv.size < 10:
+        raise DopplerError(f"calibrate_rv_floor: only {dv.size} of {len(results)} spectra gave a velocity")
+    robust = 1.4826 * float(np.median(np.abs(dv - np.median(dv))))
+    if noise_free:
+        return robust
+    return math.sqrt(max(robust**2 - float(np.median(u)) ** 2, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1083,16 +1262,18 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         return _star_failed(results, all_flags | DopplerFlag.NO_GOOD_VISITS, "no visit gave a velocity")
 
     ref = max(good, key=lambda i: (np.nan_to_num(results[i].snr), -i))
-    emulator = next(e for e in emulators if e.name == results[ref].template)
+    ref_model = states[ref].model
+    assert ref_model is not None
+    emulator, vsini = ref_model.em, ref_model.vsini
     models = []
     for i in good:
         st = states[i]
         assert st.model is not None and st.prep is not None
-        if st.model.em is emulator:
+        if st.model.em is emulator and st.model.vsini == vsini:
             models.append(st.model)
-        else:  # the visit's own fit used another family: same pixels, same rejections
-            other = _VisitModel(st.prep, emulator)
-            other.reject(st.model.sw == 0)
+        else:  # the visit's own fit used another family or broadening: same pixels, same rejections
+            other = _VisitModel(st.prep, emulator, results[i].vrel, vsini=vsini)
+            other.reject(st.model.rejected)
             models.append(other)
     same = [i for i in good if results[i].template == emulator.name]
     w = np.array([1.0 / results[i].u_teff ** 2 for i in same])
@@ -1135,6 +1316,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         chisq_i = float(r_i @ r_i) / max(model.n_used - model.n_cont - 1, 1)
         u_v = float(math.sqrt(var[3 + k]) * math.sqrt(max(chisq_i, 1.0)))
         vrel, scan_edge = _fine_rv(model, p_i, u_v)
+        u_v = math.hypot(u_v, rv_floor(emulator))
         old = results[i]
         flags = (old.flags & ~int(DopplerFlag.LABEL_AT_EDGE | DopplerFlag.NOT_CONVERGED
                                   | DopplerFlag.HIGH_CHISQ | DopplerFlag.RV_SCAN_EDGE)) | star_flags
@@ -1145,7 +1327,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
             logg=float(res.p[1]), u_logg=float(u_labels[1]), fe_h=float(res.p[2]),
             u_fe_h=float(u_labels[2]), chisq=chisq_i, bc=old.bc, vhelio=vrel + old.bc,
             flags=int(flags), snr=old.snr, template=emulator.name, n_pixels=model.n_used,
-            ccf_vrel=old.ccf_vrel,
+            ccf_vrel=old.ccf_vrel, vsini=vsini,
         )
 
     vh = np.array([results[i].vhelio for i in good])
@@ -1166,5 +1348,5 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         teff=float(res.p[0]), u_teff=float(u_labels[0]), logg=float(res.p[1]),
         u_logg=float(u_labels[1]), fe_h=float(res.p[2]), u_fe_h=float(u_labels[2]),
         chisq=float(chisq), n_visits=len(results), n_good_visits=len(good), flags=int(star_flags),
-        template=emulator.name,
+        template=emulator.name, vsini=vsini,
     )

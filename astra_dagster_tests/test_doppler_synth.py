@@ -1,0 +1,81 @@
+"""The Doppler method on release-like synthetic visits, fitted with generator-trained templates.
+
+Visits: RELEASE_SETTINGS (fiber-dependent R, Gauss-Hermite LSF, pixel integration, hidden
+labels scattering), random velocity and barycentric correction, noise at S/N 20-150.
+Templates: cubic Cannons trained on an independent TRAINING_SETTINGS grid (cached after the
+first run, ~1 minute cold). The acceptance numbers: |ΔRV| rms ≤ 0.1 km/s at S/N ≥ 20 and
+≤ 0.05 km/s at S/N ≥ 50 and Teff/logg/[Fe/H] ≲ 150 K / 0.25 / 0.15 for disk stars (Teff < 7000 K,
+[Fe/H] > -1); error calibration (pull std 0.7-1.5) for every star.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+synth = pytest.importorskip("astra_dagster.spectra.synth")
+
+from astra_dagster.methods.doppler import fit_star, fit_visit  # noqa: E402
+from astra_dagster.methods.emulator import (  # noqa: E402
+    generator_training_settings,
+    train_generator_emulators,
+)
+from astra_dagster_tests.doppler_synth import make_visit, synthetic_visits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def templates():
+    return train_generator_emulators()
+
+
+def test_generator_templates(templates) -> None:
+    names = [e.name for e in templates]
+    assert names == ["generator-3000-4200", "generator-3850-7000", "generator-hot"]
+    for em in templates:
+        assert em.meta["source"] == "generator" and em.meta["n_train"] > 300
+        # Calibrated template-mismatch floor: a few hundredths of a km/s.
+        assert 0.003 < em.meta["rv_floor"] < 0.08
+    # Independent settings: the training grid is not the release's, only the LSF shape is.
+    settings = generator_training_settings()
+    assert settings.lsf_h3 == synth.RELEASE_SETTINGS.lsf_h3
+    assert settings.log10_step != synth.RELEASE_SETTINGS.log10_step
+    assert not settings.pixel_integration and not settings.fiber_resolution
+
+
+def test_synthetic_release_visits_meet_the_targets(templates) -> None:
+    visits = synthetic_visits(48, seed=2024, snr_range=(20.0, 150.0))
+    results = [fit_visit(v.spectrum, templates) for v in visits]
+    assert all(r.ok for r in results)
+    dv = np.array([r.vrel - v.vrel for r, v in zip(results, visits, strict=True)])
+    u = np.array([r.u_vrel for r in results])
+    snr = np.array([v.snr for v in visits])
+    pulls = dv / u
+    assert 0.7 < np.std(pulls) < 1.5
+    # vhelio = vrel + bc reproduces the barycentric velocity the visit was made with.
+    dvh = np.array([r.vhelio - v.v_bary for r, v in zip(results, visits, strict=True)])
+    assert np.allclose(dvh, dv, atol=1e-9)
+    disk = np.array([v.labels["teff"] < 7000 and v.labels["fe_h"] > -1.0 for v in visits])
+    assert disk.sum() >= 30
+    assert np.sqrt(np.mean(dv[disk] ** 2)) <= 0.1
+    hi = disk & (snr >= 50)
+    assert hi.sum() >= 12
+    assert np.sqrt(np.mean(dv[hi] ** 2)) <= 0.05
+    dl = np.array([[r.teff - v.labels["teff"], r.logg - v.labels["logg"], r.fe_h - v.labels["fe_h"]]
+                   for r, v in zip(results, visits, strict=True)])[disk]
+    rms = np.sqrt(np.mean(dl**2, axis=0))
+    assert rms[0] < 150 and rms[1] < 0.25 and rms[2] < 0.15
+
+
+def test_fit_star_on_synthetic_visits(templates) -> None:
+    rng = np.random.default_rng(7)
+    labels = {"teff": 4550.0, "logg": 2.3, "fe_h": -0.2, "alpha_m": 0.05}
+    v_bary = -41.3
+    visits = [make_visit(labels, "giant", v_bary, bc, snr, rng)
+              for bc, snr in ((-18.0, 35.0), (4.5, 60.0), (22.0, 45.0))]
+    star = fit_star([v.spectrum for v in visits], templates)
+    assert star.n_good_visits == 3
+    assert abs(star.vhelio - v_bary) < 4 * star.u_vhelio + 0.02
+    assert star.vscatter < 0.2
+    assert abs(star.teff - labels["teff"]) < 150 and abs(star.logg - labels["logg"]) < 0.25
+    for visit, v in zip(star.visits, visits, strict=True):
+        assert abs(visit.vrel - v.vrel) < 4 * visit.u_vrel
