@@ -1125,7 +1125,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     inflate = math.sqrt(max(chisq, 1.0))
     err = np.sqrt(np.diag(res.cov)[:4]) * inflate
     vrel, scan_edge = _fine_rv(model, res.p, float(err[3]))
-    err[3] = math.hypot(err[3], rv_floor(model.em))
+    err = np.hypot(err, _floor_vector(model.em))
     if scan_edge:
         flags |= DopplerFlag.RV_SCAN_EDGE
     labels = res.p[:3]
@@ -1157,38 +1157,64 @@ def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
     return _fit_visit_state(spectrum, emulators, vrange).result
 
 
-def rv_floor(emulator: Emulator) -> float:
-    """The emulator's velocity error floor from template mismatch (km/s; 0 when uncalibrated)."""
-    value = emulator.meta.get("rv_floor")
-    return float(value) if value is not None and np.isfinite(value) else 0.0
+#: Quantities with a calibrated error floor, in the order of the fit parameters.
+FLOOR_NAMES: tuple[str, str, str, str] = ("teff", "logg", "fe_h", "vrel")
 
 
-def calibrate_rv_floor(templates: Emulator | Sequence[Emulator],
-                       spectra: Sequence[tuple[Spectrum, float]], *, noise_free: bool = True) -> float:
-    """Velocity error floor of a template set from spectra with known ``vrel``.
+def error_floors(emulator: Emulator) -> dict[str, float]:
+    """The emulator's systematic error floors (template mismatch), added in quadrature to the
+    statistical errors: ``emulator.meta["error_floors"]``, 0 where uncalibrated."""
+    stored = emulator.meta.get("error_floors") or {}
+    out = {}
+    for name in FLOOR_NAMES:
+        value = stored.get(name)
+        out[name] = float(value) if value is not None and np.isfinite(value) else 0.0
+    return out
 
-    The spectra should be renderings of stars the templates were not trained on, with their
-    hidden labels (rotation, macroturbulence, C, N, α) scattering as in real stars; what their
-    velocity errors show beyond noise is template mismatch. For noise-free spectra (the
-    default) that is the robust σ (1.4826 MAD) of Δv itself; otherwise the median formal error
-    is removed in quadrature.
+
+def _floor_vector(emulator: Emulator) -> np.ndarray:
+    floors = error_floors(emulator)
+    return np.array([floors[n] for n in FLOOR_NAMES])
+
+
+def calibrate_error_floors(
+    templates: Emulator | Sequence[Emulator],
+    spectra: Sequence[tuple[Spectrum, float, Sequence[float]]], *, noise_free: bool = True,
+) -> dict[str, float]:
+    """Systematic error floors of a template set from spectra with known velocity and labels.
+
+    ``spectra`` holds (spectrum, true vrel, true (Teff, logg, [Fe/H])). They should be
+    renderings of stars the templates were not trained on, with hidden labels (rotation,
+    macroturbulence, C, N, α) scattering as in real stars: what their errors show beyond noise
+    is template mismatch. For noise-free spectra (the default) the floor is the robust σ
+    (1.4826 MAD) of the errors; otherwise the median formal error is removed in quadrature.
     """
     emulators = as_emulators(templates)
-    saved = [e.meta.pop("rv_floor", None) for e in emulators]
+    saved = [e.meta.pop("error_floors", None) for e in emulators]
     try:
-        results = [(fit_visit(s, emulators), v) for s, v in spectra]
+        results = [(fit_visit(s, emulators), v, lab) for s, v, lab in spectra]
     finally:
         for e, value in zip(emulators, saved, strict=True):
             if value is not None:
-                e.meta["rv_floor"] = value
-    dv = np.array([r.vrel - v for r, v in results if r.ok])
-    u = np.array([r.u_vrel for r, _ in results if r.ok])
-    if dv.size < 10:
-        raise DopplerError(f"calibrate_rv_floor: only {dv.size} of {len(results)} spectra gave a velocity")
-    robust = 1.4826 * float(np.median(np.abs(dv - np.median(dv))))
-    if noise_free:
-        return robust
-    return math.sqrt(max(robust**2 - float(np.median(u)) ** 2, 0.0))
+                e.meta["error_floors"] = value
+    good = [(r, v, lab) for r, v, lab in results if r.ok]
+    if len(good) < 10:
+        raise DopplerError(f"calibrate_error_floors: only {len(good)} of {len(results)} spectra gave a velocity")
+    delta = {
+        "teff": [r.teff - lab[0] for r, _, lab in good], "logg": [r.logg - lab[1] for r, _, lab in good],
+        "fe_h": [r.fe_h - lab[2] for r, _, lab in good], "vrel": [r.vrel - v for r, v, _ in good],
+    }
+    formal = {"teff": [r.u_teff for r, _, _ in good], "logg": [r.u_logg for r, _, _ in good],
+              "fe_h": [r.u_fe_h for r, _, _ in good], "vrel": [r.u_vrel for r, _, _ in good]}
+    floors = {}
+    for name in FLOOR_NAMES:
+        d = np.asarray(delta[name])
+        robust = 1.4826 * float(np.median(np.abs(d - np.median(d))))
+        if noise_free:
+            floors[name] = robust
+        else:
+            floors[name] = math.sqrt(max(robust**2 - float(np.median(formal[name])) ** 2, 0.0))
+    return floors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1301,7 +1327,8 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     if not np.all(np.isfinite(var[:3 + len(good)])):
         return _star_failed(results, all_flags | DopplerFlag.FIT_FAILED, "joint fit is singular")
     inflate = math.sqrt(max(chisq, 1.0))
-    u_labels = np.sqrt(var[:3]) * inflate
+    # Template mismatch does not average down over visits: the floors apply to the star too.
+    u_labels = np.hypot(np.sqrt(var[:3]) * inflate, _floor_vector(emulator)[:3])
     star_flags = 0
     if not res.converged:
         star_flags |= DopplerFlag.NOT_CONVERGED
@@ -1316,7 +1343,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         chisq_i = float(r_i @ r_i) / max(model.n_used - model.n_cont - 1, 1)
         u_v = float(math.sqrt(var[3 + k]) * math.sqrt(max(chisq_i, 1.0)))
         vrel, scan_edge = _fine_rv(model, p_i, u_v)
-        u_v = math.hypot(u_v, rv_floor(emulator))
+        u_v = math.hypot(u_v, error_floors(emulator)["vrel"])
         old = results[i]
         flags = (old.flags & ~int(DopplerFlag.LABEL_AT_EDGE | DopplerFlag.NOT_CONVERGED
                                   | DopplerFlag.HIGH_CHISQ | DopplerFlag.RV_SCAN_EDGE)) | star_flags

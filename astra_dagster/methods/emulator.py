@@ -483,7 +483,7 @@ def train_cannon(
 
 
 #: Bump when the generator-training recipe changes so stale cached emulators are not reused.
-_GENERATOR_CACHE_VERSION = 3
+_GENERATOR_CACHE_VERSION = 5
 
 
 def _generator_fingerprint(**params: Any) -> str:
@@ -618,28 +618,31 @@ def train_generator_emulators(
                                      wavelength=wave)
         out.append(_train_from_set(ts, "generator-hot", None, start, wave, {**meta, "population": "hot"}))
     if out:
-        floor = _generator_rv_floor(out, settings, seed)
+        # Floors per kind of star: hot stars' few broad lines constrain far less.
+        cool = _generator_error_floors(out, settings, seed)
+        hot = _generator_error_floors(out, settings, seed, "hot", 30) if n_hot > 0 else cool
         for emulator in out:
-            emulator.meta["rv_floor"] = floor
+            emulator.meta["error_floors"] = hot if emulator.name == "generator-hot" else cool
     if cache:
         for emulator in out:
             emulator.save(_emulator_cache_dir() / f"{emulator.name}_{key}.npz")
     return out
 
 
-def _generator_rv_floor(emulators: list[Emulator], settings: Any, seed: int, n: int = 80) -> float:
-    """Velocity error floor of generator-trained templates: fit ``n`` noise-free validation
-    stars (survey population, hidden labels scattering about their relations, random
-    velocities, an independent seed) and keep what the formal errors do not explain."""
+def _generator_error_floors(emulators: list[Emulator], settings: Any, seed: int,
+                            population: str = "survey", n: int = 80) -> dict[str, float]:
+    """Error floors of generator-trained templates (velocity and labels): fit ``n`` noise-free
+    validation stars of ``population`` (hidden labels scattering about their relations,
+    random velocities, an independent seed); their errors are template mismatch."""
     import dataclasses
 
-    from astra_dagster.methods.doppler import calibrate_rv_floor
+    from astra_dagster.methods.doppler import calibrate_error_floors
     from astra_dagster.spectra import synth
     from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
-    rng = np.random.default_rng([seed, 0x76616C])  # "val"
+    rng = np.random.default_rng([seed, 0x76616C, len(population)])  # "val"
     validation = dataclasses.replace(settings, vary_hidden=True)
-    labels = synth.draw_labels(n, rng, "survey", hidden_scatter=True)
+    labels = synth.draw_labels(n, rng, population, hidden_scatter=True)
     wave = apstar_wavelength()
     covered = synth.chip_mask(wave)
     spectra = []
@@ -649,8 +652,9 @@ def _generator_rv_floor(emulators: list[Emulator], settings: Any, seed: int, n: 
         flux = synth.synthesize(star, wave, validation, rv_kms=v)
         ivar = np.where(covered, 200.0**2, 0.0)  # formal errors of an S/N 200 spectrum
         meta = {"frame": "observed", "bc": 0.0, "path": "validation", "index": i}
-        spectra.append((Spectrum(wave, flux, ivar, np.zeros(wave.size, dtype=np.int64), meta), v))
-    return calibrate_rv_floor(emulators, spectra)
+        spectra.append((Spectrum(wave, flux, ivar, np.zeros(wave.size, dtype=np.int64), meta), v,
+                        (star["teff"], star["logg"], star["fe_h"])))
+    return calibrate_error_floors(emulators, spectra)
 
 
 TEMPLATE_KINDS = ("auto", "synspec", "generator")
