@@ -184,6 +184,11 @@ def test_non_finite_values_are_masked_and_flagged(emulator) -> None:
     result = fit_visit(spec, emulator)
     assert result.flags & DopplerFlag.NONFINITE_INPUT and result.ok
     assert result.vrel == pytest.approx(20.0, abs=0.15) and np.isfinite(result.chisq)
+    # NaN in pixels that already carry no weight (apStar chip gaps) is not bad input.
+    gaps = _spec(rng)
+    gaps.flux[:200] = np.nan
+    gaps.ivar[:200] = 0.0
+    assert not fit_visit(gaps, emulator).flags & DopplerFlag.NONFINITE_INPUT
     spec.flux[:] = np.nan
     result = fit_visit(spec, emulator)
     assert result.flags & DopplerFlag.LOW_GOOD_PIXELS and math.isnan(result.vrel)

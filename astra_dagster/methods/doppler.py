@@ -322,7 +322,8 @@ def _prepare(spectrum: Spectrum, emulators: list[Emulator], vrange: float) -> _P
     flux = spectrum.flux.copy()
     ivar = spectrum.ivar.copy()
     finite = np.isfinite(flux) & np.isfinite(ivar)
-    if not np.all(finite[covered]):
+    # NaN where ivar is already 0 is a declared gap (apStar chip gaps), not bad input.
+    if np.any(~finite[covered] & (ivar[covered] != 0)):
         flags |= DopplerFlag.NONFINITE_INPUT
     flux[~finite] = 0.0
     ivar[~finite] = 0.0
