@@ -922,22 +922,40 @@ _BROADENING_DCHI2 = 25.0
 _MIN_VSINI = 12.0
 
 
-def _chi2_free_depth(model: _VisitModel, labels: np.ndarray, v: float, cont: np.ndarray,
-                     grid: tuple[int, np.ndarray]) -> float:
-    """χ² of ``continuum × (1 + β (T - 1))`` with the continuum polynomials and the line-depth
-    scale β solved linearly: compares line *shapes* whatever the depths."""
-    flux, _, _ = model.template(labels, v, jacobian=False, grid_flux=grid)
-    x = np.zeros((flux.size, model.n_cont + 1))
-    for r0, r1, c0, c1 in model.blocks:
-        x[r0:r1, c0 - 4:c1 - 4] = model.basis[r0:r1]
-    x[:, -1] = cont * (flux - 1.0)
-    xw = x * model.sw[:, None]
-    y = model.f * model.sw
-    gram = xw.T @ xw
-    gram[np.diag_indices_from(gram)] += 1e-12 * np.trace(gram)
-    coef = np.linalg.solve(gram, xw.T @ y)
-    r = y - xw @ coef
-    return float(r @ r)
+class _FreeDepthChi2:
+    """χ² of ``continuum × (1 + β (T - 1))`` with the per-chip continuum polynomials and the
+    line-depth scale β solved linearly, for many templates T: compares line *shapes* whatever
+    the depths. The continuum part of the normal equations is the same for every T, so it is
+    factored once and β comes from a Schur complement."""
+
+    def __init__(self, model: _VisitModel, cont: np.ndarray):
+        self.model = model
+        self.y = model.f * model.sw
+        self.cw = cont * model.sw
+        self.blocks = []
+        yy = float(self.y @ self.y)
+        for r0, r1, _, _ in model.blocks:
+            b = model.basis[r0:r1] * model.sw[r0:r1, None]
+            gram = b.T @ b
+            gram[np.diag_indices_from(gram)] += 1e-12 * np.trace(gram) + 1e-300
+            inv = np.linalg.inv(gram)
+            by = b.T @ self.y[r0:r1]
+            yy -= float(by @ inv @ by)
+            self.blocks.append((r0, r1, b, inv, inv @ by))
+        self.chi2_continuum_only = yy
+
+    def __call__(self, labels: np.ndarray, v: float, grid: tuple[int, np.ndarray]) -> float:
+        flux, _, _ = self.model.template(labels, v, jacobian=False, grid_flux=grid)
+        t = (flux - 1.0) * self.cw
+        num = float(t @ self.y)
+        den = float(t @ t)
+        for r0, r1, b, inv, coef_y in self.blocks:
+            bt = b.T @ t[r0:r1]
+            num -= float(bt @ coef_y)
+            den -= float(bt @ inv @ bt)
+        if den <= 0:
+            return self.chi2_continuum_only
+        return self.chi2_continuum_only - num * num / den
 
 
 def _broadening(model: _VisitModel, p: np.ndarray) -> float:
@@ -948,9 +966,9 @@ def _broadening(model: _VisitModel, p: np.ndarray) -> float:
     em = model.em
     labels, v = p[:3], float(p[3])
     flux = em.flux(labels)
-    cont = model.continuum(p[4:])
+    chi2_of = _FreeDepthChi2(model, model.continuum(p[4:]))
     _, _, lo, hi = model._positions(v)
-    values, chi2s = [0.0], [_chi2_free_depth(model, labels, v, cont, (0, flux))]
+    values, chi2s = [0.0], [chi2_of(labels, v, (0, flux))]
     n_fft = sp_fft.next_fast_len(flux.size)
     spec = sp_fft.rfft(flux - 1.0, n_fft)
     for vsini in _VSINI_STEPS:
@@ -960,7 +978,7 @@ def _broadening(model: _VisitModel, p: np.ndarray) -> float:
             break
         conv = np.roll(sp_fft.irfft(spec * sp_fft.rfft(kernel, n_fft), n_fft), -h)[:flux.size] + 1.0
         values.append(vsini)
-        chi2s.append(_chi2_free_depth(model, labels, v, cont, (0, conv)))
+        chi2s.append(chi2_of(labels, v, (0, conv)))
         if chi2s[-1] > min(chi2s[:-1]) - _BROADENING_DCHI2:
             break
     i = int(np.argmin(chi2s))
