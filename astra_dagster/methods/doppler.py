@@ -6,17 +6,23 @@ The flow follows Doppler's ``fit_cannon`` (reference/methods.md §2.1) with a Ca
 1. **prep** — mask bad pixels with the Doppler mask, non-finite values and large positive
    outliers; normalise each chip by a polynomial through upper percentiles of the flux.
 2. **coarse CCF** — χ²-based FFT cross-correlation over ±``vrange`` km/s against Doppler's
-   coarse template set (of every emulator given: that is how template families compete).
+   coarse template set (of every emulator given: that is how template families compete). A
+   peak at the edge of the range, or no significant peak, ends the fit with a flagged result.
 3. **labels at fixed RV** — Levenberg–Marquardt over (Teff, logg, [Fe/H]) and a per-chip
    continuum polynomial, starting from the best coarse template.
-4. **second CCF** against the best-label template.
+4. **second CCF** against the best-label template (plus a 1 km/s χ²(v) scan for broad-lined,
+   e.g. hot, stars).
 5. **joint fit** of Teff, logg, [Fe/H], RV and the continuum with the analytic emulator
-   Jacobian, then 5σ outlier rejection and a refit.
-6. **fine RV** — χ²(v) on a fine grid around the solution at fixed labels (continuum re-solved
+   Jacobian, then 5σ outlier rejection and a refit. Doubtful fits (labels on a range limit,
+   no convergence, ambiguous CCF) are repeated from other templates; the lowest χ² wins.
+6. **rotation** — the extra rotational broadening that best fits the line shapes (depths
+   free); when it is significant the joint fit is repeated with broadened templates.
+7. **fine RV** — χ²(v) on a fine grid around the solution at fixed labels (continuum re-solved
    at every v), minimum from a parabola.
 
 Uncertainties come from the inverse of JᵀWJ at the solution, inflated by √χ²_red when the
-model does not describe the data to the noise level. Velocities: ``vrel`` is the shift of the
+model does not describe the data to the noise level, plus (in quadrature) the templates'
+calibrated systematic floors (:func:`error_floors`). Velocities: ``vrel`` is the shift of the
 spectrum relative to the template (observed frame for visits, the residual shift for
 rest-frame rows); ``vhelio = vrel + bc`` (APOGEE convention, barycentric despite the name).
 """
