@@ -36,17 +36,18 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 class Method:
     asset: str
     table: str
-    #: Builds (truth, estimate, uncertainty, snr) per spectrum from the result rows and the truth.
-    compare: Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list]]
+    #: Builds (truth, estimate, uncertainty, snr, kind of star) per spectrum from the result rows
+    #: and the truth tables.
+    compare: Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list]]
 
 
-def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list]:
+def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list, list]:
     """Per visit: vrel against the true v_rel; Doppler's coarse labels against the star's."""
     names = {"vrel": "vrel", "teff": "teff", "logg": "logg", "fe_h": "fe_h"}
     truth: dict[str, list] = {k: [] for k in names}
     est: dict[str, list] = {k: [] for k in names}
     unc: dict[str, list] = {k: [] for k in names}
-    snr = []
+    snr, kinds = [], []
     for row in rows:
         star = stars[row["source_id"]]
         for i, mjd in enumerate(row["mjd"]):
@@ -61,7 +62,8 @@ def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, d
                 u = u[i] if isinstance(u, list) else u
                 unc[name].append(float("nan") if u is None else u)
             snr.append(visit["snr"])
-    return truth, est, unc, snr
+            kinds.append(star.get("kind", "?"))
+    return truth, est, unc, snr, kinds
 
 
 METHODS: dict[str, Method] = {
@@ -127,8 +129,19 @@ def main() -> None:
         stars_list, visit_list = read_truth(release_dir)
         stars = {s["source_id"]: s for s in stars_list}
         visits = {(v["source_id"], v["mjd"]): v for v in visit_list}
-        truth, est, unc, snr = method.compare(rows, stars, visits)
+        truth, est, unc, snr, kinds = method.compare(rows, stars, visits)
         bins = accuracy_bins(truth, est, unc, snr)
+        by_kind = {}
+        for kind in sorted(set(kinds)):
+            pick = [i for i, k in enumerate(kinds) if k == kind]
+            sub = accuracy_bins({k: [v[i] for i in pick] for k, v in truth.items()},
+                                {k: [v[i] for i in pick] for k, v in est.items()},
+                                {k: [v[i] for i in pick] for k, v in unc.items()}, [snr[i] for i in pick],
+                                bins=((20, None),))[0]
+            by_kind[kind] = sub
+            cells = "  ".join(f"{label} rms {st['rms']:.3g} (robust {st['robust_sigma']:.3g})"
+                              for label, st in sub["labels"].items() if st["rms"] is not None)
+            print(f"S/N>=20 {kind:6s} n={sub['n']:4d}  {cells}")
         per_spectrum = science_s / max(len(snr), 1)
         for b in bins:
             hi = "" if b["snr_hi"] is None else b["snr_hi"]
@@ -141,7 +154,8 @@ def main() -> None:
                       f"  outliers {st['outlier_frac']:.3f}  pull std {pull}")
         print(f"{per_spectrum * 1000:.1f} ms per spectrum ({len(snr)} spectra, {len(rows)} sources)")
         report: dict[str, Any] = {"method": args.method, "seed": args.seed, "sources": args.sources,
-                                  "seconds_per_spectrum": round(per_spectrum, 5), "bins": bins}
+                                  "seconds_per_spectrum": round(per_spectrum, 5), "bins": bins,
+                                  "by_kind_snr_ge_20": by_kind}
     finally:
         close_pools()
         stop_server(home)
