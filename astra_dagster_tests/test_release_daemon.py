@@ -57,7 +57,9 @@ def test_daemon_runs_new_releases(clean_db: str, tmp_path: Path, monkeypatch: py
     build_release(data_root, "r1")
     with dagster_services("astra_dagster.definitions", env, tmp_path, webserver=False):
         wait_for(lambda: task_counts()[0] == 6, "the spectra of release r1", logs=tmp_path)
-        runs = instance.get_runs(filters=dg.RunsFilter(tags={"astra/release": "r1"}))
+        # The task rows commit before the run's last events: wait for the run itself to finish.
+        runs = wait_for(lambda: [r for r in instance.get_runs(filters=dg.RunsFilter(tags={"astra/release": "r1"}))
+                                 if r.is_finished], "the r1 run", logs=tmp_path)
         assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.SUCCESS
         assert instance.get_dynamic_partitions("source_blocks") == ["00000001-00000004", "00000005-00000008"]
 
