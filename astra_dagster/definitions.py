@@ -3,6 +3,7 @@
 import dagster as dg
 
 from astra_dagster.defs.examples import random_number_generator
+from astra_dagster.defs.labels import thecannon, thecannon_model
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
 from astra_dagster.defs.sensors import release_sensor
 from astra_dagster.defs.spectra import spectra, spectra_job
@@ -10,7 +11,7 @@ from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster.lineage.model_io import AstraModelIOManager
 
 defs = dg.Definitions(
-    assets=[random_number_generator, spectra, doppler_templates, doppler],
+    assets=[random_number_generator, spectra, doppler_templates, doppler, thecannon_model, thecannon],
     jobs=[spectra_job],
     sensors=[release_sensor],
     resources={"astra_io_manager": AstraIOManager(), "astra_model_io_manager": AstraModelIOManager()},

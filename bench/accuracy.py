@@ -66,8 +66,48 @@ def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, d
     return truth, est, unc, snr, kinds
 
 
+def _labels(mapping: dict[str, str], relative_teff: bool = False
+            ) -> Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list]]:
+    """Per apStar stack: the table's columns (keys of ``mapping``) against the star's truth
+    (values); with ``relative_teff`` also ``teff_frac`` = ΔTeff / Teff (the FERRE and APOGEENet
+    targets are relative)."""
+
+    def compare(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list, list]:
+        names = list(mapping) + (["teff_frac"] if relative_teff else [])
+        truth: dict[str, list] = {k: [] for k in names}
+        est: dict[str, list] = {k: [] for k in names}
+        unc: dict[str, list] = {k: [] for k in names}
+        snr, kinds = [], []
+        for row in rows:
+            star = stars[row["source_id"]]
+            for i, s in enumerate(row["snr"]):
+                for column, true_name in mapping.items():
+                    value, u = row[column][i], row[f"u_{column}"][i]
+                    truth[column].append(star[true_name])
+                    est[column].append(float("nan") if value is None else value)
+                    unc[column].append(float("nan") if u is None else u)
+                if relative_teff:
+                    value, u = row["teff"][i], row["u_teff"][i]
+                    truth["teff_frac"].append(0.0)
+                    est["teff_frac"].append(float("nan") if value is None else value / star["teff"] - 1.0)
+                    unc["teff_frac"].append(float("nan") if u is None else u / star["teff"])
+                snr.append(float("nan") if s is None else s)
+                kinds.append(star.get("kind", "?"))
+        return truth, est, unc, snr, kinds
+
+    return compare
+
+
+_MAIN = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m"}
+
 METHODS: dict[str, Method] = {
     "doppler": Method("doppler", "doppler", _doppler),
+    "thecannon": Method("thecannon", "thecannon", _labels(_MAIN)),
+    "thepayne": Method("thepayne", "thepayne", _labels({**_MAIN, "rv": "rv_zero"})),
+    "ferre": Method("ferre", "ferre", _labels({"teff": "teff", "logg": "logg", "metals": "fe_h",
+                                               "o_mg_si_s_ca_ti": "alpha_m"}, relative_teff=True)),
+    "apogeenet": Method("apogeenet", "apogeenet", _labels({"teff": "teff", "logg": "logg", "fe_h": "fe_h"},
+                                                          relative_teff=True)),
 }
 
 
@@ -77,6 +117,8 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temporary ASTRA_HOME")
+    parser.add_argument("--model-config", type=json.loads, default=None,
+                        help='JSON Config of the model asset, e.g. \'{"n_train": 3000}\' (default: its defaults)')
     args = parser.parse_args()
     method = METHODS[args.method]
 
@@ -107,6 +149,15 @@ def main() -> None:
         instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
         assets = [dg.AssetKey("spectra"), dg.AssetKey(method.asset)]
         t0 = time.perf_counter()
+        if args.model_config is not None:
+            from astra_dagster.build import materialize_assets
+            from astra_dagster.defs.sensors import RELEASE_ASSETS
+
+            (model_key,) = RELEASE_ASSETS[dg.AssetKey(method.asset)]
+            name = model_key.to_user_string()
+            if not materialize_assets(defs, [model_key], instance=instance, log_level="WARNING",
+                                      run_config={"ops": {name: {"config": args.model_config}}}).success:
+                raise SystemExit(f"training {name} failed")
         ensure_models(defs, assets, instance=instance)
         print(f"models ready in {time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
@@ -127,7 +178,8 @@ def main() -> None:
             science_s = conn.execute("select coalesce(sum(duration), 0) from astra.task where asset_key = %s "
                                      "and source_pk is not null", (method.asset,)).fetchone()[0]
         stars_list, visit_list = read_truth(release_dir)
-        stars = {s["source_id"]: s for s in stars_list}
+        # apStar spectra are in the star's rest frame: a fitted RV offset should be zero.
+        stars = {s["source_id"]: {**s, "rv_zero": 0.0} for s in stars_list}
         visits = {(v["source_id"], v["mjd"]): v for v in visit_list}
         truth, est, unc, snr, kinds = method.compare(rows, stars, visits)
         bins = accuracy_bins(truth, est, unc, snr)

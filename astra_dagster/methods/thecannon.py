@@ -436,6 +436,13 @@ class CannonModel:
         self._require_trained()
         return np.logical_and.reduce([p.pixel_ok for p in self.pieces])
 
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-able facts about a trained model (for asset metadata)."""
+        self._require_trained()
+        return {"labels": list(self.label_names), "order": self.order, "pieces": len(self.pieces),
+                "terms": self.n_terms, "pixels_modelled": int(self.pixel_ok.sum()),
+                **{k: v for k, v in self.meta.items() if isinstance(v, int | float | str)}}
+
     def __repr__(self) -> str:
         state = f"{self.n_pixels} pixels, {len(self.pieces)} piece(s)" if self.is_trained else "untrained"
         return (f"CannonModel({list(self.label_names)}, order={self.order}, "
@@ -1086,3 +1093,80 @@ def _invert(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         except np.linalg.LinAlgError:
             bad[i] = True
     return out, bad
+
+
+# ----------------------------------------------------------------------------- training and fitting spectra
+
+#: Default training size: small enough for CI (generation ~20 s, training ~10 s on one core).
+DEFAULT_TRAINING: dict[str, Any] = {"n_train": 600, "seed": 101}
+#: Full-size settings (a few minutes on one core).
+FULL_TRAINING: dict[str, Any] = {"n_train": 3000, "seed": 101}
+#: Populations of the generator the default model covers; a quadratic model cannot span the hot stars.
+TRAINING_KINDS: tuple[str, ...] = ("giant", "dwarf", "yso")
+#: Label order of the per-spectrum results and of ``astra.thecannon``.
+LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m")
+
+
+def training_spectra(n_train: int, seed: int, *, kinds: Sequence[str] = TRAINING_KINDS
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``n_train`` noiseless generator spectra (TRAINING_SETTINGS: an independent draw and
+    instrument settings from any release) of the populations ``kinds``, normalised with the
+    shared continuum rule: (flux, ivar, labels)."""
+    from astra_dagster.methods import continuum
+    from astra_dagster.spectra import synth
+
+    if n_train < 1:
+        raise CannonError(f"training set size must be >= 1, got {n_train}")
+    ts = synth.make_training_set(int(np.ceil(n_train / 0.85)) + 10, seed)
+    keep = np.flatnonzero(np.isin(ts.kind, tuple(kinds)))[:n_train]
+    flux, ivar = continuum.normalize_arrays(ts.wavelength, ts.flux[keep], ts.ivar[keep])
+    return flux, ivar, {k: ts.labels[k][keep] for k in LABELS}
+
+
+def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAULT_TRAINING["seed"],
+                order: int = 2, regularization: float = 0.0, regions: str = "survey", cv_folds: int = 2) -> CannonModel:
+    """Train a Cannon model on :func:`training_spectra`. ``regions``: "survey" (the piecewise
+    :data:`SURVEY_REGIONS` model) or "none" (one polynomial)."""
+    import time
+
+    from astra_dagster.methods import continuum
+
+    if regions not in ("survey", "none"):
+        raise CannonError(f"regions must be 'survey' or 'none', got {regions!r}")
+    start = time.perf_counter()
+    flux, ivar, labels = training_spectra(n_train, seed)
+    meta = {"n_train": int(flux.shape[0]), "seed": int(seed), "continuum": continuum.continuum_fingerprint()}
+    model = CannonModel(LABELS, order=order, regularization=regularization, meta=meta,
+                        regions=SURVEY_REGIONS if regions == "survey" else None)
+    model.train(flux, ivar, labels, cv_folds=cv_folds)
+    model.meta["training_seconds"] = round(time.perf_counter() - start, 2)
+    return model
+
+
+def _value(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, Any]]:
+    """Labels for rest-frame apStar spectra (:class:`~astra_dagster.spectra.spectrum.Spectrum`):
+    one dict per spectrum with the ``astra.thecannon`` columns. Spectra the test step cannot fit
+    (NO_DATA, e.g. all chips masked) get None labels and their flag bits."""
+    from astra_dagster.methods import continuum
+
+    if not spectra:
+        return []
+    normalised = [continuum.normalize(s) for s in spectra]
+    flux = np.vstack([s.flux for s in normalised])
+    ivar = np.vstack([s.ivar for s in normalised])
+    result = model.test(flux, ivar)
+    u = result.uncertainties
+    rows = []
+    for i, s in enumerate(spectra):
+        row: dict[str, Any] = {"snr": _value(float(s.meta.get("snr") or np.nan))}
+        for k, name in enumerate(model.label_names):
+            row[name] = _value(result.labels[i, k])
+            row[f"u_{name}"] = _value(u[i, k])
+        row["r_chi_sq"] = _value(result.r_chi_sq[i])
+        row["bitmask_flag"] = int(result.flags[i])
+        rows.append(row)
+    return rows

@@ -1,0 +1,172 @@
+"""Stellar labels: trained models as assets (The Cannon, The Payne, the FERRE grid, APOGEENet)
+and the per-source label assets that read them.
+
+Every label method has the same shape, so one pair of factories builds the assets:
+
+* a **model asset** (unpartitioned, ``astra_model_io_manager``): its Config selects the training
+  set and settings; the IO manager writes the model file under ``ASTRA_HOME`` and the task row;
+* a **label asset** partitioned like ``spectra``: one task per source, whose parameters include
+  the model's ``task_id`` (retraining makes new tasks) and the ``spectra`` task's (new files make
+  new tasks). It fits the first combined row of every apStar file of the source and writes one
+  row of arrays to the method's table, one element per apStar stack (ordered by telescope).
+
+The science lives in ``astra_dagster.methods.<module>``: ``train_model(**options)`` and
+``fit_spectra(model, spectra)`` returning one dict of table columns per spectrum.
+"""
+
+# No "from __future__ import annotations" here: Dagster reads Config annotations at runtime.
+import importlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import dagster as dg
+from pydantic import Field
+
+from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
+from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
+from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
+from astra_dagster.lineage.model_io import LoadedModel
+from astra_dagster.spectra.apogee import read_apstar
+
+GROUP = "stellar_labels"
+
+
+def _method(module: str) -> Any:
+    return importlib.import_module(f"astra_dagster.methods.{module}")
+
+
+def _train(module: str, config: AstraConfig) -> dict[str, Any]:
+    options = {k: v for k, v in config.model_dump().items() if k not in ("force", "astra_version_major",
+                                                                           "astra_version_minor")}
+    model = _method(module).train_model(**options)
+    return {"model": model, **model.summary()}
+
+
+def model_asset(name: str, module: str, config_class: type[AstraConfig], description: str) -> dg.AssetsDefinition:
+    """An unpartitioned asset training ``astra_dagster.methods.<module>.train_model`` with the
+    Config's fields as keyword arguments."""
+
+    def compute(context: dg.AssetExecutionContext, config: config_class) -> TaskBatch:  # type: ignore[valid-type]
+        from astra_dagster.spectra import synth
+
+        # The generator version is a parameter: a changed generator makes a new model task.
+        item = TaskItem(params={"generator_version": synth.GENERATOR_VERSION})
+        return run_tasks(context, config, [item], lambda _: _train(module, config), table="model", batch=False)
+
+    return dg.asset(
+        name=name,
+        group_name=GROUP,
+        io_manager_key="astra_model_io_manager",
+        kinds={"python", "numpy"},
+        description=description,
+        metadata={RESULT_TABLE_KEY: "model", "astra/task_family": config_class.task_family},
+    )(compute)
+
+
+def stacks_of(item: TaskItem) -> list[dict[str, Any]]:
+    """The ``astra.spectrum`` rows a label method fits: the first combined row of each apStar file."""
+    rows = [r for r in item.payload["rows"]
+            if r["file_format"] == "apStar" and r["kind"] == "stack" and r["row_index"] == 0]
+    if not rows:
+        raise ValueError(f"{item.source_id}: no apStar stack among its {len(item.payload['rows'])} spectra")
+    return sorted(rows, key=lambda r: (r["telescope"] or "", r["path"]))
+
+
+def as_array_row(per_spectrum: list[dict[str, Any]], scalars: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """One table row from per-spectrum dicts: a list per column, or one value for ``scalars``
+    (which must then agree across the spectra)."""
+    row: dict[str, Any] = {}
+    for column in per_spectrum[0]:
+        values = [p[column] for p in per_spectrum]
+        if column in scalars:
+            if len(set(values)) != 1:
+                raise ValueError(f"column {column} must be the same for every spectrum, got {values}")
+            row[column] = values[0]
+        else:
+            row[column] = values
+    return row
+
+
+def fit_source(module: str, item: TaskItem, model: Any, scalars: frozenset[str] = frozenset(),
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read the source's apStar stacks and fit them; one row of arrays."""
+    rows = stacks_of(item)
+    spectra = []
+    for r in rows:
+        spectrum = read_apstar(r["path"])[0]
+        spectrum.meta["snr"] = spectrum.meta.get("snr") or r["snr"]
+        spectra.append(spectrum)
+    per_spectrum = _method(module).fit_spectra(model, spectra, **(options or {}))
+    if len(per_spectrum) != len(spectra):
+        raise RuntimeError(f"{item.source_id}: {module} returned {len(per_spectrum)} results "
+                           f"for {len(spectra)} spectra")
+    return as_array_row(per_spectrum, scalars)
+
+
+def label_asset(
+    name: str,
+    module: str,
+    config_class: type[SourceTaskConfig],
+    model_key: str,
+    description: str,
+    *,
+    scalars: frozenset[str] = frozenset(),
+    fit_options: Callable[[Any], dict[str, Any]] | None = None,
+) -> dg.AssetsDefinition:
+    """A per-source asset fitting ``astra_dagster.methods.<module>.fit_spectra`` with the model
+    of ``model_key`` to each source's apStar stacks, writing ``astra.<name>``."""
+
+    def compute(context: dg.AssetExecutionContext, config: config_class, spectra: dict,  # type: ignore[valid-type]
+                model: LoadedModel) -> TaskBatch:
+        _, first_last = partition_range(context)
+        options = fit_options(config) if fit_options else {}
+        items = [
+            TaskItem(payload=entry, source_pk=pk, source_id=entry["source_id"],
+                     params={"input_task_id": entry["task_id"], "model_task_id": model.task_id})
+            for pk, entry in sorted(spectra.items())
+        ]
+        context.log.info(f"{name}: {len(items)} sources with model {model.task_id}")
+        return run_tasks(context, config, items, lambda item: fit_source(module, item, model.model, scalars, options),
+                         table=name, batch=True, partition_range=first_last)
+
+    return dg.asset(
+        name=name,
+        partitions_def=SOURCE_BLOCKS,
+        backfill_policy=RANGE_POLICY,
+        group_name=GROUP,
+        io_manager_key="astra_io_manager",
+        kinds={"python", "postgres"},
+        description=description,
+        ins={"spectra": dg.AssetIn("spectra"), "model": dg.AssetIn(model_key)},
+        metadata={RESULT_TABLE_KEY: name, "astra/task_family": config_class.task_family},
+    )(compute)
+
+
+# ----------------------------------------------------------------------------- The Cannon
+
+
+class TrainTheCannon(AstraConfig):
+    """A Cannon model trained on noiseless generator spectra (an independent draw and instrument
+    settings from any release), giants, dwarfs and pre-main-sequence stars."""
+
+    task_family: ClassVar[str] = "TheCannon.TrainTheCannon"
+
+    n_train: int = Field(default=600, description="Training spectra (3000 for the full-size model).")
+    seed: int = Field(default=101, description="Seed of the training set's draw.")
+    order: int = Field(default=2, description="Polynomial order of the vectorizer.")
+    regularization: float = Field(default=0.0, description="L1 strength Λ (0: none).")
+    regions: str = Field(default="survey", description="'survey' (piecewise: cool/warm giants and dwarfs) or 'none'.")
+
+
+class EstimateTheCannonLabels(SourceTaskConfig):
+    """Teff, logg, [Fe/H], [α/M] of every apStar stack of a source with a trained Cannon model."""
+
+    task_family: ClassVar[str] = "TheCannon.EstimateStellarLabelsGivenApStarFile"
+
+
+thecannon_model = model_asset("thecannon_model", "thecannon", TrainTheCannon,
+                              "A trained Cannon model (one .npz under ASTRA_HOME).")
+thecannon = label_asset("thecannon", "thecannon", EstimateTheCannonLabels, "thecannon_model",
+                        "One astra.thecannon row per source: labels, u_ labels, snr, r_chi_sq, bitmask_flag "
+                        "per apStar stack.")

@@ -1,0 +1,104 @@
+"""The label assets on a small synthetic release: a model asset trains (small settings), the
+per-source asset writes one row of arrays per source (an element per apStar stack) whose labels
+are near the truth, the task parameters name the model and spectra tasks, a second run skips
+everything, and retraining the model with other settings makes new tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from astra_dagster.build import materialize_assets
+from astra_dagster.db.connection import connect
+from astra_dagster.definitions import defs
+from astra_dagster.pipeline import run_planned
+from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+from astra_dagster.spectra.release import generate_release, read_truth
+
+# Per method: model asset, small training config, a retraining config, label → (truth column,
+# loose tolerance on the median |Δ| over this tiny release), family prefixes.
+METHODS = {
+    "thecannon": {
+        "model": "thecannon_model",
+        "config": {"n_train": 300, "seed": 5, "regions": "none"},
+        "retrain": {"n_train": 300, "seed": 6, "regions": "none"},
+        "labels": {"teff": ("teff", 250.0), "logg": ("logg", 0.5), "fe_h": ("fe_h", 0.2)},
+        "family": "TheCannon.EstimateStellarLabelsGivenApStarFile_",
+        "model_family": "TheCannon.TrainTheCannon_",
+    },
+}
+
+N_SOURCES = 8
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_release(tmp_path_factory.mktemp("labels") / "data", "labels-test", N_SOURCES, seed=23,
+                            progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_label_asset_on_a_synthetic_release(method: str, release: Path, clean_db: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = METHODS[method]
+    monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "5")
+    model_key = dg.AssetKey(spec["model"])
+    with dg.instance_for_test() as instance:
+        trained = materialize_assets(defs, [model_key], instance=instance, log_level="WARNING",
+                                     run_config={"ops": {spec["model"]: {"config": spec["config"]}}})
+        assert trained.success
+        plan = plan_new_releases(instance, release.parent, None, block_size=5)
+        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+        keys = [dg.AssetKey("spectra"), dg.AssetKey(method)]
+        outcomes = run_planned(defs, plan.runs, keys, instance=instance)
+        assert all(o.success for o in outcomes)
+        counts = {(c.asset, c.computed, c.failed) for o in outcomes for c in o.counts}
+        assert counts == {("spectra", N_SOURCES, 0), (method, N_SOURCES, 0)}
+
+        columns = list(spec["labels"])
+        with connect() as conn:
+            rows = conn.execute(
+                f"select s.source_id, r.snr, r.bitmask_flag, {', '.join('r.' + c for c in columns)} "
+                f"from astra.{method} r join astra.task t on t.output_pk = r.output_pk "
+                "join astra.source s on s.pk = t.source_pk where t.status_code = 1").fetchall()
+            params = dict(conn.execute(
+                "select p.parameter_name, p.parameter_value from astra.task t "
+                "join astra.task_parameter tp on tp.task_pk = t.pk join astra.parameter p on p.pk = tp.parameter_pk "
+                "where t.asset_key = %s and t.source_pk = 1", (method,)).fetchall())
+            n_stacks = dict(conn.execute(
+                "select s.source_id, count(*) from astra.spectrum sp join astra.source s on s.pk = sp.source_pk "
+                "where sp.file_format = 'apStar' and sp.kind = 'stack' and sp.row_index = 0 "
+                "group by s.source_id").fetchall())
+        stars = {s["source_id"]: s for s in read_truth(release)[0]}
+        assert len(rows) == N_SOURCES
+        deltas: dict[str, list[float]] = {c: [] for c in columns}
+        for source_id, snr, flags, *values in rows:
+            assert len(snr) == len(flags) == n_stacks[source_id]
+            for column, value in zip(columns, values, strict=True):
+                assert len(value) == n_stacks[source_id]
+                truth = stars[source_id][spec["labels"][column][0]]
+                deltas[column] += [v - truth for v in value if v is not None]
+        for column, (_, tolerance) in spec["labels"].items():
+            # Hot stars are outside some models' ranges (None); most stars must have a value.
+            assert len(deltas[column]) >= N_SOURCES // 2, (column, deltas[column])
+            assert np.median(np.abs(deltas[column])) < tolerance, (column, deltas[column])
+        assert params["input_task_id"].startswith("Spectra.RegisterSpectra_")
+        assert params["model_task_id"].startswith(spec["model_family"])
+
+        again = run_planned(defs, plan.runs, keys, instance=instance)
+        assert [(c.asset, c.computed, c.skipped) for o in again for c in o.counts] == [
+            ("spectra", 0, N_SOURCES), (method, 0, N_SOURCES)]
+
+        # A retrained model is a new model task: every source gets a new label task.
+        assert materialize_assets(defs, [model_key], instance=instance, log_level="WARNING",
+                                  run_config={"ops": {spec["model"]: {"config": spec["retrain"]}}}).success
+        third = run_planned(defs, plan.runs, [dg.AssetKey(method)], instance=instance)
+        assert [(c.asset, c.computed, c.skipped) for o in third for c in o.counts] == [(method, N_SOURCES, 0)]
+        with connect() as conn:
+            n_tasks = conn.execute("select count(*) from astra.task where asset_key = %s and source_pk is not null",
+                                   (method,)).fetchone()[0]
+        assert n_tasks == 2 * N_SOURCES
