@@ -72,6 +72,11 @@ def seed_example(echo: Echo) -> None:
 DEMO_RELEASE = "synth-demo-1"
 DEMO_SOURCES = 24
 DEMO_SEED = 20261125
+#: Model Config for the demo: smaller training sets than the assets' defaults, so the first demo
+#: trains every model in a few minutes (the defaults are what the sensor and backfills use).
+DEMO_MODELS: dict[str, dict[str, Any]] = {
+    "thecannon_model": {"n_train": 400},
+}
 
 
 def release_example(echo: Echo) -> None:
@@ -114,7 +119,8 @@ def release_example(echo: Echo) -> None:
         echo(f"  release {reg.release}: {len(reg.source_pks)} sources registered, "
              f"{len(reg.changed_pks)} new or changed, {len(plan.new_partition_keys)} new partitions")
     assets = release_assets(settings.release_assets)
-    trained = ensure_models(defs, assets, instance=instance)
+    demo_models = {"ops": {name: {"config": config} for name, config in DEMO_MODELS.items()}}
+    trained = ensure_models(defs, assets, instance=instance, run_config=demo_models)
     if trained:
         echo(f"  trained {', '.join(trained)}")
     failed = False
@@ -128,8 +134,54 @@ def release_example(echo: Echo) -> None:
             "select count(*), count(*) filter (where file_format = 'apVisit'), count(distinct source_pk) "
             "from astra.spectrum").fetchone()
     echo(f"  astra.spectrum: {n_spectra} spectra ({n_visits} apVisit) of {n_sources} sources")
+    label_summary(echo, release_dir)
     if failed:
         raise RuntimeError("a release run failed; see `astra ui`")
+
+
+#: Per label table: the columns the demo shows (Teff, logg, metallicity).
+LABEL_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "thecannon": ("teff", "logg", "fe_h"),
+    "thepayne": ("teff", "logg", "fe_h"),
+    "ferre": ("teff", "logg", "metals"),
+    "apogeenet": ("teff", "logg", "fe_h"),
+}
+
+
+def label_summary(echo: Echo, release_dir: Any, n: int = 6) -> None:
+    """The first ``n`` sources: the release's truth next to every label table's first stack."""
+    from astra_dagster.spectra.release import read_truth
+
+    stars = {s["source_id"]: s for s in read_truth(release_dir)[0]}
+    with connect() as conn:
+        sources = [r[0] for r in conn.execute("select source_id from astra.source order by pk limit %s", (n,))]
+        header, columns = ["source", "truth"], []
+        found: dict[str, dict[str, Any]] = {}
+        for table, (teff, logg, metals) in LABEL_COLUMNS.items():
+            rows = conn.execute(
+                f"select distinct on (s.source_id) s.source_id, r.{teff}[1], r.{logg}[1], r.{metals}[1] "
+                f"from astra.{table} r join astra.task t on t.output_pk = r.output_pk "
+                "join astra.source s on s.pk = t.source_pk where s.source_id = any(%s) "
+                "order by s.source_id, t.modified desc", (sources,)).fetchall()
+            if rows:
+                header.append(table)
+                columns.append(table)
+                found[table] = {r[0]: r[1:] for r in rows}
+    if not columns:
+        return
+
+    def fmt(values: Any) -> str:
+        if values is None or values[0] is None:
+            return "-"
+        return f"{values[0]:.0f} K {values[1]:.2f} {values[2]:+.2f}"
+
+    rows = []
+    for source in sources:
+        star = stars.get(source)
+        truth = fmt((star["teff"], star["logg"], star["fe_h"])) if star else "-"
+        rows.append([source, truth] + [fmt(found[t].get(source)) for t in columns])
+    echo("  Teff, logg, [Fe/H] (FERRE: [M/H]) of the first apStar stack, against the release's truth:")
+    echo(_table(rows, header))
 
 
 def run_demo(echo: Echo) -> None:

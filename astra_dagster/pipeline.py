@@ -80,14 +80,19 @@ def ensure_models(
     asset_keys: Sequence[dg.AssetKey],
     *,
     instance: dg.DagsterInstance,
+    run_config: dict | None = None,
 ) -> list[str]:
     """Materialise, in this process, the models the given per-source assets read but that have
-    never been materialised (what the release sensor does before its range runs)."""
+    never been materialised (what the release sensor does before its range runs). ``run_config``
+    may hold Config for some of them (``{"ops": {name: {"config": ...}}}``)."""
     from astra_dagster.defs.sensors import missing_models
 
     missing = missing_models(instance, list(asset_keys))
     if missing:
-        result = materialize_assets(defs, missing, instance=instance, log_level="WARNING")
+        ops = {k: v for k, v in ((run_config or {}).get("ops") or {}).items()
+               if dg.AssetKey(k) in missing}
+        result = materialize_assets(defs, missing, instance=instance, log_level="WARNING",
+                                    run_config={"ops": ops} if ops else None)
         if not result.success:
             raise RuntimeError(f"training {', '.join(k.to_user_string() for k in missing)} failed "
                                f"(Dagster run {result.run_id})")
