@@ -102,3 +102,16 @@ def test_label_asset_on_a_synthetic_release(method: str, release: Path, clean_db
             n_tasks = conn.execute("select count(*) from astra.task where asset_key = %s and source_pk is not null",
                                    (method,)).fetchone()[0]
         assert n_tasks == 2 * N_SOURCES
+
+
+def test_model_asset_refuses_a_too_small_training_set(clean_db: str) -> None:
+    with dg.instance_for_test() as instance:
+        result = materialize_assets(defs, [dg.AssetKey("thecannon_model")], instance=instance, log_level="CRITICAL",
+                                    run_config={"ops": {"thecannon_model": {"config": {"n_train": 12,
+                                                                                        "regions": "none"}}}})
+    assert not result.success
+    with connect() as conn:
+        status, error = conn.execute("select status_code, error from astra.task where asset_key = 'thecannon_model'"
+                                     ).fetchone()
+    assert status == 30
+    assert "12" in error and "coefficients" in error, error

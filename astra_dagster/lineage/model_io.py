@@ -88,6 +88,12 @@ class AstraModelIOManager(AstraIOManager):
                 outcome.result = {"model_class": class_path(model), "path": str(path), "sha256": sha256,
                                   "size": size, "summary": json.dumps(result, default=str)}
         super().handle_output(context, obj)
+        if isinstance(obj, TaskBatch):
+            # A model that failed to train has its task row (status 30, error) now; the step fails
+            # too, so the asset is not shown as materialised and nothing downstream loads it.
+            failed = [o for o in obj.outcomes if o.status_code != store.STATUS_SUCCESS]
+            if failed:
+                raise dg.Failure(description=f"{obj.family}: training failed: {failed[0].error}")
 
     def load_input(self, context: dg.InputContext) -> LoadedModel:
         row = super().load_input(context)
