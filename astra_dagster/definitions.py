@@ -3,7 +3,7 @@
 import dagster as dg
 
 from astra_dagster.defs.examples import random_number_generator
-from astra_dagster.defs.labels import thecannon, thecannon_model
+from astra_dagster.defs.labels import LABEL_ASSETS
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
 from astra_dagster.defs.sensors import release_sensor
 from astra_dagster.defs.spectra import spectra, spectra_job
@@ -11,7 +11,8 @@ from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster.lineage.model_io import AstraModelIOManager
 
 defs = dg.Definitions(
-    assets=[random_number_generator, spectra, doppler_templates, doppler, thecannon_model, thecannon],
+    assets=[random_number_generator, spectra, doppler_templates, doppler,
+            *[a for pair in LABEL_ASSETS.items() for a in pair]],
     jobs=[spectra_job],
     sensors=[release_sensor],
     resources={"astra_io_manager": AstraIOManager(), "astra_model_io_manager": AstraModelIOManager()},

@@ -29,6 +29,32 @@ METHODS = {
         "family": "TheCannon.EstimateStellarLabelsGivenApStarFile_",
         "model_family": "TheCannon.TrainTheCannon_",
     },
+    "thepayne": {
+        "model": "thepayne_model",
+        "config": {"n_train": 800, "hidden": 64, "epochs": 150, "n_components": 48, "seed": 1},
+        "retrain": {"n_train": 800, "hidden": 64, "epochs": 150, "n_components": 48, "seed": 2},
+        "labels": {"teff": ("teff", 300.0), "logg": ("logg", 0.6), "fe_h": ("fe_h", 0.3)},
+        "family": "ThePayne.EstimateStellarLabelsGivenApStarFile_",
+        "model_family": "ThePayne.TrainThePayne_",
+    },
+    "ferre": {
+        "model": "ferre_grid",
+        "config": {"teff_step": 500.0, "logg_step": 1.0, "metals_min": -1.5, "metals_step": 0.5,
+                   "alpha_min": 0.0, "alpha_max": 0.25, "n_validation": 0},
+        "retrain": {"teff_step": 500.0, "logg_step": 1.0, "metals_min": -1.5, "metals_step": 0.5,
+                    "alpha_min": 0.0, "alpha_max": 0.25, "n_validation": 0, "seed": 1},
+        "labels": {"teff": ("teff", 300.0), "logg": ("logg", 0.6), "metals": ("fe_h", 0.3)},
+        "family": "FERRE.FerreGivenApStarFile_",
+        "model_family": "FERRE.BuildGrid_",
+    },
+    "apogeenet": {
+        "model": "apogeenet_model",
+        "config": {"n_train": 600, "epochs": 6, "seed": 1},
+        "retrain": {"n_train": 600, "epochs": 6, "seed": 2},
+        "labels": {"teff": ("teff", 700.0), "logg": ("logg", 0.8), "fe_h": ("fe_h", 0.4)},
+        "family": "APOGEENet.EstimateStellarParametersGivenApStarFile_",
+        "model_family": "APOGEENet.TrainNetwork_",
+    },
 }
 
 N_SOURCES = 8

@@ -170,3 +170,140 @@ thecannon_model = model_asset("thecannon_model", "thecannon", TrainTheCannon,
 thecannon = label_asset("thecannon", "thecannon", EstimateTheCannonLabels, "thecannon_model",
                         "One astra.thecannon row per source: labels, u_ labels, snr, r_chi_sq, bitmask_flag "
                         "per apStar stack.")
+
+
+# ----------------------------------------------------------------------------- The Payne
+
+
+class TrainThePayne(AstraConfig):
+    """A Payne emulator (MLP of normalised flux vs Teff, logg, [Fe/H], [α/M]) trained on noiseless
+    generator spectra with the TRAINING settings (an independent draw from any release)."""
+
+    task_family: ClassVar[str] = "ThePayne.TrainThePayne"
+
+    n_train: int = Field(default=4000, description="Training spectra (20000 for the full-size model).")
+    seed: int = Field(default=0, description="Seed of the training set's draw and of the weights.")
+    hidden: int = Field(default=256, description="Neurons per hidden layer.")
+    epochs: int = Field(default=800, description="Adam epochs (1500 for the full-size model).")
+    batch_size: int = Field(default=128, description="Mini-batch size.")
+    learning_rate: float = Field(default=3e-3, description="Adam learning rate.")
+    n_components: int = Field(default=96, description="PCA components of the factorised output layer.")
+    kinds: str = Field(default="giant,dwarf,yso", description="Generator populations in the training set.")
+
+
+class EstimateThePayneLabels(SourceTaskConfig):
+    """Teff, logg, [Fe/H], [α/M] and an RV offset of every apStar stack of a source with a trained
+    Payne emulator (other thepayne columns stay NULL: this emulator does not fit them)."""
+
+    task_family: ClassVar[str] = "ThePayne.EstimateStellarLabelsGivenApStarFile"
+
+
+thepayne_model = model_asset("thepayne_model", "thepayne", TrainThePayne,
+                             "A trained Payne emulator (one .npz under ASTRA_HOME).")
+thepayne = label_asset("thepayne", "thepayne", EstimateThePayneLabels, "thepayne_model",
+                       "One astra.thepayne row per source: teff, logg, fe_h, alpha_m, rv with u_, snr, r_chi_sq, "
+                       "bitmask_flag per apStar stack.")
+
+
+# ----------------------------------------------------------------------------- FERRE
+
+
+class BuildFerreGrid(AstraConfig):
+    """A regular grid of normalised generator spectra (FERRE's "model"), ASPCAP-like spacing.
+    A step of 0 leaves a dimension off the grid."""
+
+    task_family: ClassVar[str] = "FERRE.BuildGrid"
+
+    seed: int = Field(default=0, description="Seed of the held-out stars that calibrate the error floors.")
+    n_validation: int = Field(default=40, description="Held-out stars for the error floors (0: none).")
+    teff_min: float = 3500.0
+    teff_max: float = 7000.0
+    teff_step: float = 250.0
+    logg_min: float = 0.0
+    logg_max: float = 5.0
+    logg_step: float = 0.5
+    metals_min: float = -2.5
+    metals_max: float = 0.5
+    metals_step: float = 0.25
+    alpha_min: float = -0.25
+    alpha_max: float = 0.5
+    alpha_step: float = 0.25
+    log10vdop_min: float = 0.0
+    log10vdop_max: float = 0.0
+    log10vdop_step: float = Field(default=0.0, description="0: microturbulence on the generator's relation.")
+
+
+#: FERRE's dimensions under the seed's names.
+FERRE_DIMENSIONS = ("teff", "logg", "metals", "o_mg_si_s_ca_ti", "log10vdop", "lgvsini", "c", "n")
+
+
+class FerreGivenApStarFile(SourceTaskConfig):
+    """Grid fit of every apStar stack of a source; ``frozen_<dim>`` holds a dimension at a value."""
+
+    task_family: ClassVar[str] = "FERRE.FerreGivenApStarFile"
+
+    frozen_teff: float | None = None
+    frozen_logg: float | None = None
+    frozen_metals: float | None = None
+    frozen_o_mg_si_s_ca_ti: float | None = None
+    frozen_log10vdop: float | None = None
+
+
+def _ferre_options(config: FerreGivenApStarFile) -> dict[str, Any]:
+    frozen = {d: getattr(config, f"frozen_{d}") for d in FERRE_DIMENSIONS
+              if getattr(config, f"frozen_{d}", None) is not None}
+    return {"frozen": frozen or None}
+
+
+ferre_grid = model_asset("ferre_grid", "ferre", BuildFerreGrid, "FERRE's synthetic grid (one .npz under ASTRA_HOME).")
+ferre = label_asset("ferre", "ferre", FerreGivenApStarFile, "ferre_grid",
+                    "One astra.ferre row per source: grid-fit labels, u_, initial_, log_chisq_fit, log_snr_sq, "
+                    "bitmask_flag per apStar stack (NULL for dimensions the grid lacks).",
+                    scalars=frozenset(f"frozen_{d}" for d in FERRE_DIMENSIONS), fit_options=_ferre_options)
+
+
+# ----------------------------------------------------------------------------- APOGEENet
+
+
+class TrainApogeeNet(AstraConfig):
+    """APOGEENet (1-D CNN on log flux) trained on generator spectra of dwarfs, giants, hot stars
+    and pre-main-sequence stars, with fresh noise and throughput every epoch."""
+
+    task_family: ClassVar[str] = "APOGEENet.TrainNetwork"
+
+    n_train: int = Field(default=3000, description="Training spectra (12000 for the full-size network).")
+    seed: int = Field(default=0, description="Seed of the training set and the weights.")
+    epochs: int = Field(default=25, description="Epochs (60 for the full-size network).")
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = Field(default=6, description="Early stopping: epochs without validation improvement.")
+    max_seconds: float = Field(default=0.0, description="Stop training after this long (0: no limit).")
+    hidden: int = Field(default=128, description="Width of the dense layer.")
+    blocks: str = Field(default="", description="Conv blocks as 'kernel x channels' pairs, e.g. '7x8,5x16'; "
+                        "empty: the default stack.")
+    bin_factor: int = Field(default=4, description="Input pixels averaged per network input.")
+
+
+class EstimateApogeeNetParameters(SourceTaskConfig):
+    """Teff, logg, [Fe/H] of every apStar stack of a source, uncertainties from noisy passes."""
+
+    task_family: ClassVar[str] = "APOGEENet.EstimateStellarParametersGivenApStarFile"
+
+    n_draws: int = Field(default=20, description="Noisy forward passes per spectrum for the uncertainties.")
+    seed: int = Field(default=0, description="Seed of the noisy passes.")
+
+
+apogeenet_model = model_asset("apogeenet_model", "apogeenet", TrainApogeeNet,
+                              "APOGEENet weights (one .npz under ASTRA_HOME).")
+apogeenet = label_asset("apogeenet", "apogeenet", EstimateApogeeNetParameters, "apogeenet_model",
+                        "One astra.apogeenet row per source: snr, teff, logg, fe_h with u_, bitmask_flag per "
+                        "apStar stack.", fit_options=lambda c: {"n_draws": c.n_draws, "seed": c.seed})
+
+#: Model asset → label asset, for the definitions and the release sensor.
+LABEL_ASSETS: dict[dg.AssetsDefinition, dg.AssetsDefinition] = {
+    thecannon_model: thecannon,
+    thepayne_model: thepayne,
+    ferre_grid: ferre,
+    apogeenet_model: apogeenet,
+}

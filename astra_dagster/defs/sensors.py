@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from astra_dagster.defs.labels import thecannon, thecannon_model
+from astra_dagster.defs.labels import LABEL_ASSETS
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
 from astra_dagster.defs.spectra import spectra
 from astra_dagster.release_plan import plan_new_releases, sensor_result
@@ -13,7 +13,7 @@ from astra_dagster.settings import get_settings
 RELEASE_ASSETS: dict[dg.AssetKey, list[dg.AssetKey]] = {
     spectra.key: [],
     doppler.key: [doppler_templates.key],
-    thecannon.key: [thecannon_model.key],
+    **{label.key: [model.key] for model, label in LABEL_ASSETS.items()},
 }
 
 
