@@ -71,8 +71,10 @@ FORMAT = "astra-ferre-grid/1"
 
 #: The eight FERRE dimensions of ``astra.ferre`` (column order of the seed schema).
 DIMENSIONS: tuple[str, ...] = ("teff", "logg", "metals", "log10vdop", "o_mg_si_s_ca_ti", "lgvsini", "c", "n")
-#: Dimensions a grid built here may have (c and n stay on the generator's mean relations).
-GRID_DIMENSIONS: tuple[str, ...] = ("teff", "logg", "metals", "o_mg_si_s_ca_ti", "log10vdop", "lgvsini")
+#: Dimensions a grid built here may have: c = [C/M], n = [N/M] (M = Fe in the generator).
+GRID_DIMENSIONS: tuple[str, ...] = ("teff", "logg", "metals", "o_mg_si_s_ca_ti", "log10vdop", "lgvsini", "c", "n")
+#: Optional dimensions: off (the generator's mean relation) unless their step is > 0.
+OPTIONAL_DIMENSIONS: tuple[str, ...] = ("log10vdop", "lgvsini", "c", "n")
 
 FLAGS: dict[str, int] = {
     "START_OUTSIDE_GRID": 1 << 0,
@@ -112,17 +114,20 @@ DEFAULT_GRID: dict[str, float] = {
     "alpha_min": -0.25, "alpha_max": 0.5, "alpha_step": 0.25,
     "log10vdop_min": 0.0, "log10vdop_max": 0.0, "log10vdop_step": 0.0,
     "lgvsini_min": 0.0, "lgvsini_max": 0.0, "lgvsini_step": 0.0,
+    "c_min": 0.0, "c_max": 0.0, "c_step": 0.0,
+    "n_min": 0.0, "n_max": 0.0, "n_step": 0.0,
 }
-#: A denser and wider grid with micro-turbulence as a fifth dimension (0.5-4 km/s):
-#: 3000-8000 K, [M/H] to +0.75, [α/M] -0.5..+0.75; ~66k nodes, ~10 min and ~1 GB.
+#: A wider grid with [C/M] as a fifth dimension (carbon scatter moves the CN/CO bands of cool
+#: giants, which the 4-D grid absorbs into logg and [M/H]): 3000-8000 K, [M/H] to +0.75,
+#: [α/M] -0.5..+0.75, [C/M] -0.5..+0.25; 77,616 nodes, ~8-10 min on one core, ~1.2 GB.
 FULL_GRID: dict[str, float] = {
     **DEFAULT_GRID,
     "teff_min": 3000.0, "teff_max": 8000.0,
     "metals_max": 0.75, "alpha_min": -0.5, "alpha_max": 0.75,
-    "log10vdop_min": -0.3, "log10vdop_max": 0.6, "log10vdop_step": 0.3,
+    "c_min": -0.5, "c_max": 0.25, "c_step": 0.25,
 }
 _OPTION_PREFIX = {"teff": "teff", "logg": "logg", "metals": "metals", "o_mg_si_s_ca_ti": "alpha",
-                  "log10vdop": "log10vdop", "lgvsini": "lgvsini"}
+                  "log10vdop": "log10vdop", "lgvsini": "lgvsini", "c": "c", "n": "n"}
 
 
 class FerreError(ValueError):
@@ -338,7 +343,7 @@ def _grid_axes(options: Mapping[str, float]) -> tuple[GridAxis, ...]:
     for name in GRID_DIMENSIONS:
         p = _OPTION_PREFIX[name]
         lo, hi, step = (float(options[f"{p}_{k}"]) for k in ("min", "max", "step"))
-        if name in ("log10vdop", "lgvsini") and step == 0.0:
+        if name in OPTIONAL_DIMENSIONS and step == 0.0:
             continue   # not a dimension: the generator's mean relation is used
         axes.append(_axis(name, lo, hi, step))
     return tuple(axes)
@@ -351,6 +356,10 @@ def _node_labels(names: Sequence[str], values: Sequence[float]) -> dict[str, flo
         out["vmicro"] = 10.0 ** lab["log10vdop"]
     if "lgvsini" in lab:
         out["vsini"] = 10.0 ** lab["lgvsini"]
+    if "c" in lab:
+        out["c_fe"] = lab["c"]
+    if "n" in lab:
+        out["n_fe"] = lab["n"]
     return out
 
 
@@ -360,8 +369,9 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
     calibrate its systematic error floors on ``n_validation`` held-out stars (0: none).
 
     ``options`` override :data:`DEFAULT_GRID` (``teff_min``, ``teff_max``, ``teff_step``, the
-    same for ``logg``, ``metals``, ``alpha`` ([α/M]), ``log10vdop``, ``lgvsini``; a step of 0
-    for the last two leaves them off the grid). ``n_train``, if given, caps the number of
+    same for ``logg``, ``metals``, ``alpha`` ([α/M]) and the optional ``log10vdop``,
+    ``lgvsini``, ``c`` ([C/M]), ``n`` ([N/M]), which a step of 0 leaves off the grid, on the
+    generator's mean relations). ``n_train``, if given, caps the number of
     nodes (FerreError when the grid is larger). ``seed`` is recorded only: the generator's
     line list is fixed and grid spectra are noiseless, so the grid is deterministic; it seeds
     the held-out stars.
@@ -369,9 +379,9 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
     **Error floors.** The held-out stars are drawn from the survey's giants and dwarfs inside
     the grid, with their hidden labels (micro/macro-turbulence, v sin i, [C/Fe], [N/Fe])
     *scattering* about the relations the grid assumes, rendered noiselessly off the nodes and
-    fitted like data. 1.4826 × the median |estimate − truth| per label (interpolation error plus
-    hidden-label mismatch, what the curvature cannot know) is stored as ``floor_<dim>`` and
-    added in quadrature to every fitted uncertainty.
+    fitted like data. The rms of estimate − truth per label (interpolation error plus
+    hidden-label mismatch, what the curvature cannot know), after dropping misfits beyond five
+    robust σ, is stored as ``floor_<dim>`` and added in quadrature to every fitted uncertainty.
     """
     unknown = sorted(set(options) - set(DEFAULT_GRID))
     if unknown:
@@ -379,7 +389,8 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
     opts = {**DEFAULT_GRID, **{k: float(v) for k, v in options.items()}}
     axes = _grid_axes(opts)
     for a in axes:   # the generator's validity range, before spending minutes on the grid
-        label = {"teff": "teff", "logg": "logg", "metals": "fe_h", "o_mg_si_s_ca_ti": "alpha_m"}.get(a.name)
+        label = {"teff": "teff", "logg": "logg", "metals": "fe_h", "o_mg_si_s_ca_ti": "alpha_m",
+                 "c": "c_fe", "n": "n_fe"}.get(a.name)
         if label:
             lo, hi = synth.LABEL_LIMITS[label]
             if a.start < lo or a.stop > hi:
@@ -428,12 +439,12 @@ _HELD_OUT_STREAM = 0x6665_7272  # "ferr"
 #: Truth of each grid dimension in the generator's labels.
 _TRUTH = {"teff": ("teff", float), "logg": ("logg", float), "metals": ("fe_h", float),
           "o_mg_si_s_ca_ti": ("alpha_m", float), "log10vdop": ("vmicro", math.log10),
-          "lgvsini": ("vsini", math.log10)}
+          "lgvsini": ("vsini", math.log10), "c": ("c_fe", float), "n": ("n_fe", float)}
 
 
 def held_out_errors(grid: FerreGrid, n: int, seed: int) -> dict[str, float]:
     """Fit ``n`` noiseless off-node giants and dwarfs with scattering hidden labels and return
-    1.4826 × median |Δ| per grid dimension (see :func:`train_model`)."""
+    the rms of Δ (misfits beyond 5 robust σ dropped) per grid dimension (see :func:`train_model`)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _HELD_OUT_STREAM]))
     labels, kind = synth.draw_labels_with_kind(6 * n + 20, rng, "survey", hidden_scatter=True)
     labels["vsini"] = np.maximum(labels["vsini"], 0.5)   # log10 v sin i must be finite
@@ -460,7 +471,14 @@ def held_out_errors(grid: FerreGrid, n: int, seed: int) -> dict[str, float]:
         d = np.array([np.nan if r[a.name] is None else r[a.name] - f(labels[key][i]) for r, i in zip(rows, keep,
                                                                                                      strict=True)])
         d = d[np.isfinite(d)]
-        floors[a.name] = float(1.4826 * np.median(np.abs(d))) if d.size else float("nan")
+        if d.size == 0:
+            floors[a.name] = float("nan")
+            continue
+        # catastrophic misfits (e.g. a fast rotator far from the grid's v sin i relation) are
+        # flagged elsewhere, not a floor: drop those beyond 5 robust σ before the rms
+        width = 1.4826 * float(np.median(np.abs(d)))
+        core = d[np.abs(d) <= 5.0 * width] if width > 0 else d
+        floors[a.name] = float(np.sqrt(np.mean(core * core)))
     return floors
 
 
