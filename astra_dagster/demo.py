@@ -76,6 +76,10 @@ DEMO_SEED = 20261125
 #: trains every model in a few minutes (the defaults are what the sensor and backfills use).
 DEMO_MODELS: dict[str, dict[str, Any]] = {
     "thecannon_model": {"n_train": 400},
+    "thepayne_model": {"n_train": 1000, "hidden": 64, "epochs": 200, "n_components": 48},
+    "ferre_grid": {"teff_step": 500.0, "logg_step": 0.5, "metals_min": -2.0, "metals_step": 0.5,
+                   "alpha_min": 0.0, "alpha_max": 0.25, "n_validation": 0},
+    "apogeenet_model": {"n_train": 1000, "epochs": 8},
 }
 
 
