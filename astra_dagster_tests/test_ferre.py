@@ -138,15 +138,18 @@ def test_accuracy_on_release_like_giants_and_dwarfs(release_fit: dict) -> None:
     # the targets: σ(Teff)/Teff <= 2 %, σ(logg) <= 0.1, σ([M/H]) <= 0.05 at S/N >= 100
     rel = (est["teff"] - truth["teff"]) / truth["teff"]
     assert 1.4826 * np.median(np.abs(rel - np.median(rel))) <= 0.02
-    assert st["teff"]["robust_sigma"] <= 60.0 and abs(st["teff"]["bias"]) <= 40.0, st["teff"]
-    assert st["logg"]["robust_sigma"] <= 0.12 and abs(st["logg"]["bias"]) <= 0.06, st["logg"]
-    assert st["metals"]["robust_sigma"] <= 0.06 and abs(st["metals"]["bias"]) <= 0.03, st["metals"]
-    assert st["teff"]["rms"] <= 80.0 and st["logg"]["rms"] <= 0.2 and st["metals"]["rms"] <= 0.12, st
-    assert st["o_mg_si_s_ca_ti"]["robust_sigma"] <= 0.05, st["o_mg_si_s_ca_ti"]
+    assert st["teff"]["robust_sigma"] <= 40.0 and abs(st["teff"]["bias"]) <= 40.0, st["teff"]
+    assert st["logg"]["robust_sigma"] <= 0.1 and abs(st["logg"]["bias"]) <= 0.06, st["logg"]
+    assert st["metals"]["robust_sigma"] <= 0.05 and abs(st["metals"]["bias"]) <= 0.03, st["metals"]
+    assert st["o_mg_si_s_ca_ti"]["robust_sigma"] <= 0.03, st["o_mg_si_s_ca_ti"]
+    # achieved on this set: rms 20 K, 0.098, 0.053, 0.031 (robust σ 8 K, 0.071, 0.020, 0.008)
+    assert st["teff"]["rms"] <= 40.0 and st["logg"]["rms"] <= 0.15, st
+    assert st["metals"]["rms"] <= 0.08 and st["o_mg_si_s_ca_ti"]["rms"] <= 0.05, st
     for k in names:
         # heavy tails: upper-giant-branch stars trade logg against [M/H] when their hidden
-        # [C/Fe] scatters (the grid holds C on its mean relation), so a few % are > 3 robust σ
-        assert st[k]["outlier_frac"] <= 0.2, (k, st[k])
+        # [C/Fe] scatters (the grid holds C on its mean relation), so up to ~20 % are beyond
+        # 3 robust σ when that σ is as small as 0.01-0.02 dex
+        assert st[k]["outlier_frac"] <= 0.3, (k, st[k])
         # curvature errors + held-out floors: calibrated within a factor of a few
         assert st[k]["pull_std"] is not None and 0.5 <= st[k]["pull_std"] <= 5.0, (k, st[k])
     flags = np.array([r["bitmask_flag"] for r in rows])
