@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 import zipfile
@@ -361,7 +362,7 @@ def _adam_train(x: np.ndarray, c: np.ndarray, xv: np.ndarray, cv: np.ndarray, *,
             val = evaluate(xv, cv, params)
             history.append((epoch, val))
             if log_every and epoch % log_every == 0:
-                print(f"epoch {epoch}: held-out rms (subspace) {val:.2e}", flush=True)
+                print(f"epoch {epoch}: held-out rms (subspace) {val:.2e}", file=sys.stderr, flush=True)
             if val < best[0]:
                 best = (val, [p.copy() for p in params], epoch)
     return best[1], {"best_epoch": int(best[2]), "history": history}
