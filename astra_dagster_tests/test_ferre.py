@@ -257,3 +257,26 @@ def test_bad_spectra_get_flags_and_no_labels(grid: ferre.FerreGrid, two_stars: t
         ferre.fit_spectra(grid, [observed])
     with pytest.raises(ferre.FerreError, match="FerreGrid"):
         ferre.fit_spectra(object(), [good])  # type: ignore[arg-type]
+
+
+def test_five_dimensional_grid_fits_rotation() -> None:
+    """An optional dimension (log10 v sin i) end to end: a tiny 5-D grid, a rotating F dwarf
+    rendered with the release's LSF, noise at S/N 150."""
+    small = ferre.train_model(seed=0, n_validation=0, teff_min=5500.0, teff_max=6500.0, logg_min=4.0, logg_max=5.0,
+                              metals_min=-0.5, metals_max=0.5, alpha_min=0.0, alpha_max=0.25,
+                              lgvsini_min=0.0, lgvsini_max=1.5, lgvsini_step=0.5)
+    assert small.names == ("teff", "logg", "metals", "o_mg_si_s_ca_ti", "lgvsini") and small.n_nodes == 600
+    wave = apstar_wavelength()
+    truth = {"teff": 6080.0, "logg": 4.3, "fe_h": -0.1, "alpha_m": 0.05, "vsini": 20.0}
+    norm = synth.synthesize(truth, wave, synth.RELEASE_SETTINGS, fiber=120)
+    chips = continuum.chip_index() >= 0
+    flux = 1000.0 * norm * synth.continuum(truth, wave)
+    sigma = np.median(flux[chips]) / 150.0
+    noisy = flux + np.random.default_rng(1).normal(0.0, sigma, wave.size)
+    spec = Spectrum(wave, np.where(chips, noisy, np.nan), np.where(chips, sigma**-2, 0.0), np.zeros(wave.size, int),
+                    {"snr": 150.0})
+    row = ferre.fit_spectra(small, [spec])[0]
+    assert row["bitmask_flag"] == 0, ferre.describe_flags(row["bitmask_flag"])
+    assert abs(row["lgvsini"] - math.log10(20.0)) < 0.1 and 0 < row["u_lgvsini"] < 0.2
+    assert abs(row["teff"] - 6080.0) < 100 and abs(row["logg"] - 4.3) < 0.15 and abs(row["metals"] + 0.1) < 0.08
+    assert row["log10vdop"] is None and row["frozen_lgvsini"] is False
