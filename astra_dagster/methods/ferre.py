@@ -66,7 +66,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -818,7 +818,3 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
     row["bitmask_flag"] = flags
     return row
 
-
-def with_options(grid: FerreGrid, **meta: Any) -> FerreGrid:
-    """A copy of ``grid`` with extra ``meta`` entries (e.g. held-out accuracy for summary())."""
-    return replace(grid, meta={**grid.meta, **meta})
