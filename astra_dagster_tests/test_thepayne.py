@@ -170,6 +170,12 @@ def test_bad_spectra_are_flagged_not_raised(model: tp.PayneModel) -> None:
         tp.fit_spectra(model, [observed])
     with pytest.raises(tp.PayneError, match="pixels"):
         tp.fit_normalized(model, np.ones(100), np.ones(100))
+    stale = tp.PayneModel(label_names=model.label_names, x_min=model.x_min, x_max=model.x_max, pixels=model.pixels,
+                          weights=[model.w0, model.b0, model.w1, model.b1, model.w2, model.b2], basis=model.basis,
+                          mean=model.mean, model_sigma=model.model_sigma, start_points=model.start_points,
+                          meta={**model.meta, "continuum_fingerprint": "0000"})
+    with pytest.raises(tp.PayneError, match="continuum rule 0000"):
+        tp.fit_spectra(stale, [_spectrum(flux[0], ivar[0], flags[0])])
 
 
 def test_training_set_too_small_or_unusable() -> None:

@@ -92,7 +92,7 @@ N_STARTS = 2
 
 #: Default (CI-size) training settings: about 2 minutes on one core.
 DEFAULT_TRAINING: dict[str, Any] = {"n_train": 4000, "seed": 0, "hidden": 256, "epochs": 800}
-#: Full-size training (bench / production): about 10 minutes on one core.
+#: Full-size training (bench / production): estimated 6-10 minutes on one core (not yet timed end to end).
 FULL_TRAINING: dict[str, Any] = {"n_train": 12000, "seed": 0, "hidden": 256, "epochs": 1200}
 
 
@@ -692,12 +692,16 @@ def fit_spectra(model: PayneModel, spectra: Sequence[Spectrum]) -> list[dict[str
     (:func:`continuum.normalize`), then the emulator fit. One dict per spectrum with the
     ``astra.thepayne`` columns snr, teff, u_teff, logg, u_logg, fe_h, u_fe_h, alpha_m,
     u_alpha_m, rv, u_rv, r_chi_sq, bitmask_flag (None where not measured; see :data:`FLAGS`).
-    Raises :class:`PayneError` for a model of other labels and ValueError (naming the file) for a
-    spectrum not on the rest-frame apStar grid."""
+    Raises :class:`PayneError` for a model of other labels or another continuum rule, and
+    ValueError (naming the file) for a spectrum not on the rest-frame apStar grid."""
     if not isinstance(model, PayneModel):
         raise PayneError(f"fit_spectra needs a PayneModel, got {type(model).__name__}")
     if model.label_names != LABELS:
         raise PayneError(f"model labels {model.label_names} are not the thepayne columns {LABELS}")
+    trained_with = model.meta.get("continuum_fingerprint")
+    if trained_with is not None and trained_with != continuum.continuum_fingerprint():
+        raise PayneError(f"model was trained on spectra normalised with continuum rule {trained_with}; "
+                         f"this code normalises with {continuum.continuum_fingerprint()}: retrain the model")
     rows = []
     for spectrum in spectra:
         norm = continuum.normalize(spectrum)
