@@ -141,3 +141,31 @@ def test_model_asset_refuses_a_too_small_training_set(clean_db: str) -> None:
                                      ).fetchone()
     assert status == 30
     assert "12" in error and "coefficients" in error, error
+
+
+def test_model_configs_match_the_methods_training_entry_points() -> None:
+    """Every model Config field is a keyword of the method's train_model, with the same default
+    (the asset passes the Config's fields straight through)."""
+    import inspect
+
+    from astra_dagster.defs import labels
+    from astra_dagster.methods import apogeenet, ferre, thecannon, thepayne
+
+    pairs = [(labels.TrainTheCannon, thecannon, thecannon.DEFAULT_TRAINING),
+             (labels.TrainThePayne, thepayne, thepayne.DEFAULT_TRAINING),
+             (labels.BuildFerreGrid, ferre, ferre.DEFAULT_GRID),
+             (labels.TrainApogeeNet, apogeenet, {"n_train": apogeenet.DEFAULT_TRAINING["n_spectra"],
+                                                 "epochs": apogeenet.DEFAULT_TRAINING["epochs"]})]
+    for config_class, module, defaults in pairs:
+        fields = {k: v for k, v in config_class().model_dump().items()
+                  if k not in ("force", "astra_version_major", "astra_version_minor")}
+        signature = inspect.signature(module.train_model)
+        takes_options = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        for name, value in fields.items():
+            if name in signature.parameters:
+                default = signature.parameters[name].default
+                assert default is inspect.Parameter.empty or default == value, (config_class.__name__, name)
+            else:
+                assert takes_options, (config_class.__name__, name)
+            if name in defaults:
+                assert defaults[name] == value, (config_class.__name__, name, defaults[name], value)

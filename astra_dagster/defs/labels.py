@@ -231,6 +231,16 @@ class BuildFerreGrid(AstraConfig):
     log10vdop_min: float = 0.0
     log10vdop_max: float = 0.0
     log10vdop_step: float = Field(default=0.0, description="0: microturbulence on the generator's relation.")
+    lgvsini_min: float = 0.0
+    lgvsini_max: float = 0.0
+    lgvsini_step: float = Field(default=0.0, description="0: v sin i on the generator's relation (the full grid "
+                                "fits log10 v sin i 0..1.5 in steps of 0.5).")
+    c_min: float = 0.0
+    c_max: float = 0.0
+    c_step: float = Field(default=0.0, description="0: [C/M] on the generator's relation.")
+    n_min: float = 0.0
+    n_max: float = 0.0
+    n_step: float = Field(default=0.0, description="0: [N/M] on the generator's relation.")
 
 
 #: FERRE's dimensions under the seed's names.
@@ -247,6 +257,9 @@ class FerreGivenApStarFile(SourceTaskConfig):
     frozen_metals: float | None = None
     frozen_o_mg_si_s_ca_ti: float | None = None
     frozen_log10vdop: float | None = None
+    frozen_lgvsini: float | None = None
+    frozen_c: float | None = None
+    frozen_n: float | None = None
 
 
 def _ferre_options(config: FerreGivenApStarFile) -> dict[str, Any]:
