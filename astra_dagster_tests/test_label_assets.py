@@ -16,7 +16,10 @@ from astra_dagster.db.connection import connect
 from astra_dagster.definitions import defs
 from astra_dagster.pipeline import run_planned
 from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+from astra_dagster.spectra.apogee import write_apstar
 from astra_dagster.spectra.release import generate_release, read_truth
+from astra_dagster_tests import fixtures_bad_fits as fx
+from astra_dagster_tests.test_spectra_asset import build_release
 
 # Per method: model asset, small training config, a retraining config, label → (truth column,
 # loose tolerance on the median |Δ| over this tiny release), family prefixes.
@@ -169,3 +172,48 @@ def test_model_configs_match_the_methods_training_entry_points() -> None:
                 assert takes_options, (config_class.__name__, name)
             if name in defaults:
                 assert defaults[name] == value, (config_class.__name__, name, defaults[name], value)
+
+
+MASKED = "2M09100001+0000000"
+
+
+def _mostly_masked(path: Path) -> Path:
+    flux, sigma, mask, header = fx.apstar_arrays(1, seed=5)
+    header["OBJID"] = MASKED
+    mask[:, :8300] |= 1  # BADPIX over 97 % of the pixels
+    write_apstar(path, flux, sigma, mask, header)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bad_spectra_are_flagged_and_the_batch_goes_on(method: str, tmp_path: Path, clean_db: str) -> None:
+    """A mostly-masked apStar and six line-poor toy spectra (no star the models know): every
+    source ends with a task row, the masked one with no labels and a flag, never a crashed batch."""
+    spec = METHODS[method]
+    release = build_release(tmp_path / "data", "bad-labels", bad={MASKED: _mostly_masked})
+    with dg.instance_for_test() as instance:
+        assert materialize_assets(defs, [dg.AssetKey(spec["model"])], instance=instance, log_level="WARNING",
+                                  run_config={"ops": {spec["model"]: {"config": spec["config"]}}}).success
+        plan = plan_new_releases(instance, release.parent, None, block_size=100)
+        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+        outcomes = run_planned(defs, plan.runs, [dg.AssetKey("spectra"), dg.AssetKey(method)], instance=instance)
+        assert all(o.success for o in outcomes)
+        (counts,) = [c for o in outcomes for c in o.counts if c.asset == method]
+        assert counts.computed + counts.failed == 7
+    label = next(iter(spec["labels"]))
+    with connect() as conn:
+        tasks = conn.execute(
+            f"select s.source_id, t.status_code, t.error, r.{label}, r.bitmask_flag from astra.task t "
+            "join astra.source s on s.pk = t.source_pk "
+            f"left join astra.{method} r on r.output_pk = t.output_pk where t.asset_key = %s",
+            (method,)).fetchall()
+    assert len(tasks) == 7
+    for source_id, status, error, values, _flags in tasks:
+        assert status in (1, 30), (source_id, status)
+        assert (status == 30) == (values is None) == (error is not None), (source_id, status, error)
+    masked = next(t for t in tasks if t[0] == MASKED)
+    if masked[1] == 1:  # a result row: no invented labels, a flag saying why
+        assert masked[3] == [None] and masked[4][0] != 0, masked
+    else:
+        assert MASKED in masked[2] or "pixel" in masked[2].lower(), masked
