@@ -8,7 +8,7 @@ import dagster as dg
 
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
-from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY, AstraIOManager
 from astra_dagster.lineage.sources import sources_in_blocks
@@ -35,8 +35,10 @@ class SquareTask(SourceTaskConfig):
     """value = scale * (source number)^2; sources whose id contains BAD raise."""
 
     task_family: ClassVar[str] = "Test.SquareTask"
+    insignificant: ClassVar[frozenset[str]] = frozenset({"force", "only_sources", "chunk_size"})
     scale: float = 1.0
     sleep_seconds: float = 0.0
+    chunk_size: int = 0  # > 0: compute in vectorised chunks (a chunk holding a BAD source fails whole)
 
 
 def _square(config: SquareTask, item: TaskItem) -> dict:
@@ -45,6 +47,16 @@ def _square(config: SquareTask, item: TaskItem) -> dict:
     time.sleep(config.sleep_seconds)
     number = int(item.source_id.rsplit("-", 1)[-1])
     return {"value": config.scale * number**2}
+
+
+def _square_chunk(config: SquareTask, items: list[TaskItem]) -> list[ChunkResult]:
+    if any("BAD" in it.source_id for it in items):
+        raise ValueError("a bad source in the chunk (test)")
+    t0 = time.perf_counter()
+    time.sleep(config.sleep_seconds * len(items))
+    shared = (time.perf_counter() - t0) / len(items)
+    return [ChunkResult({"value": config.scale * int(it.source_id.rsplit("-", 1)[-1]) ** 2}, None, shared)
+            for it in items]
 
 
 @dg.asset(
@@ -58,8 +70,10 @@ def squares(context: dg.AssetExecutionContext, config: SquareTask) -> TaskBatch:
     with connect() as conn:
         sources = sources_in_blocks(conn, keys)
     items = [TaskItem(source_pk=s.pk, source_id=s.source_id) for s in sources]
+    chunked = {"compute_chunk": lambda chunk: _square_chunk(config, chunk),
+               "chunk_size": config.chunk_size} if config.chunk_size > 0 else {}
     return run_tasks(context, config, items, lambda it: _square(config, it),
-                     table="astra_test.square", batch=True, partition_range=first_last)
+                     table="astra_test.square", batch=True, partition_range=first_last, **chunked)
 
 
 class SquarePlusTask(SourceTaskConfig):

@@ -99,6 +99,26 @@ def test_range_run_makes_one_parent_with_a_child_per_source(setup) -> None:
                       "sleep_seconds": "0.01", "source_id": "SRC-3"}
 
 
+def test_chunked_compute_gives_the_same_tasks_and_isolates_a_bad_chunk(setup) -> None:
+    """Vectorised chunks (3 sources per call): the same results and statuses as one by one; the
+    chunk holding the bad source falls back to one by one, so only that source fails; every
+    child has its own positive duration."""
+    instance, keys = setup
+    result = materialize(instance, keys, {"scale": 2, "sleep_seconds": 0.01, "chunk_size": 3})
+    assert result.success and counts(result) == (10, 0, 1)
+    with connect() as conn:
+        rows = conn.execute(
+            "select s.source_id, t.status_code, t.duration, r.value from astra.task t "
+            "join astra.source s on s.pk = t.source_pk left join astra_test.square r on r.output_pk = t.output_pk"
+        ).fetchall()
+    assert {sid: value for sid, _, _, value in rows} == {**{f"SRC-{i}": 2.0 * i * i for i in range(1, 11)},
+                                                         "SRC-BAD-11": None}
+    assert {sid: status for sid, status, _, _ in rows}["SRC-BAD-11"] == store.STATUS_FAILURE
+    assert all(d >= 0.009 for sid, status, d, _ in rows if status == store.STATUS_SUCCESS)
+    # chunk_size is insignificant: the one-by-one run of the same tasks skips them all
+    assert counts(materialize(instance, keys, {"scale": 2, "sleep_seconds": 0.01})) == (0, 10, 1)
+
+
 def test_identical_batch_is_skipped_and_failed_sources_are_retried(setup) -> None:
     instance, keys = setup
     assert counts(materialize(instance, keys)) == (10, 0, 1)

@@ -16,6 +16,7 @@ The science lives in ``astra_dagster.methods.<module>``: ``train_model(**options
 
 # No "from __future__ import annotations" here: Dagster reads Config annotations at runtime.
 import importlib
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -23,13 +24,16 @@ import dagster as dg
 from pydantic import Field
 
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
-from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
 from astra_dagster.spectra.apogee import read_apstar
+from astra_dagster.spectra.spectrum import Spectrum
 
 GROUP = "stellar_labels"
+#: Sources fitted together in one call of the method (progress is logged per chunk).
+CHUNK_SIZE = 32
 
 
 def _method(module: str) -> Any:
@@ -88,20 +92,57 @@ def as_array_row(per_spectrum: list[dict[str, Any]], scalars: frozenset[str] = f
     return row
 
 
-def fit_source(module: str, item: TaskItem, model: Any, scalars: frozenset[str] = frozenset(),
-               options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read the source's apStar stacks and fit them; one row of arrays."""
-    rows = stacks_of(item)
+def read_stacks(item: TaskItem) -> list[Spectrum]:
+    """The source's apStar stacks (:func:`stacks_of`), read."""
     spectra = []
-    for r in rows:
+    for r in stacks_of(item):
         spectrum = read_apstar(r["path"])[0]
         spectrum.meta["snr"] = spectrum.meta.get("snr") or r["snr"]
         spectra.append(spectrum)
+    return spectra
+
+
+def _fit(module: str, model: Any, spectra: list[Spectrum], options: dict[str, Any] | None) -> list[dict[str, Any]]:
     per_spectrum = _method(module).fit_spectra(model, spectra, **(options or {}))
     if len(per_spectrum) != len(spectra):
-        raise RuntimeError(f"{item.source_id}: {module} returned {len(per_spectrum)} results "
-                           f"for {len(spectra)} spectra")
-    return as_array_row(per_spectrum, scalars)
+        raise RuntimeError(f"{module} returned {len(per_spectrum)} results for {len(spectra)} spectra")
+    return per_spectrum
+
+
+def fit_source(module: str, item: TaskItem, model: Any, scalars: frozenset[str] = frozenset(),
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read the source's apStar stacks and fit them; one row of arrays."""
+    return as_array_row(_fit(module, model, read_stacks(item), options), scalars)
+
+
+def fit_chunk(module: str, items: list[TaskItem], model: Any, scalars: frozenset[str] = frozenset(),
+              options: dict[str, Any] | None = None) -> list[ChunkResult]:
+    """Fit the stacks of several sources in one vectorised call (The Cannon's test step is ~4x
+    faster on many spectra than one by one). Each source's seconds are its own file reading plus
+    its share (by number of spectra) of the shared fit."""
+    read: list[tuple[list[Spectrum] | None, Exception | None, float]] = []
+    for item in items:
+        t0 = time.perf_counter()
+        try:
+            read.append((read_stacks(item), None, time.perf_counter() - t0))
+        except Exception as exc:  # this source fails alone
+            read.append((None, exc, time.perf_counter() - t0))
+    flat = [s for spectra, _, _ in read if spectra for s in spectra]
+    t0 = time.perf_counter()
+    per_spectrum = _fit(module, model, flat, options) if flat else []
+    shared = time.perf_counter() - t0
+    results, i = [], 0
+    for spectra, error, seconds in read:
+        if spectra is None:
+            results.append(ChunkResult(None, error, seconds))
+            continue
+        part, i = per_spectrum[i:i + len(spectra)], i + len(spectra)
+        try:
+            row, error = as_array_row(part, scalars), None
+        except Exception as exc:
+            row, error = None, exc
+        results.append(ChunkResult(row, error, seconds + shared * len(spectra) / len(flat)))
+    return results
 
 
 def label_asset(
@@ -128,7 +169,9 @@ def label_asset(
         ]
         context.log.info(f"{name}: {len(items)} sources with model {model.task_id}")
         return run_tasks(context, config, items, lambda item: fit_source(module, item, model.model, scalars, options),
-                         table=name, batch=True, partition_range=first_last)
+                         table=name, batch=True, partition_range=first_last,
+                         compute_chunk=lambda chunk: fit_chunk(module, chunk, model.model, scalars, options),
+                         chunk_size=CHUNK_SIZE)
 
     return dg.asset(
         name=name,
