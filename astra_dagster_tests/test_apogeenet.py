@@ -230,6 +230,17 @@ def test_fit_rows_have_exactly_the_table_columns(model: an.ApogeeNet) -> None:
     assert an.fit_spectra(model, []) == []
 
 
+def test_a_spectrum_gets_the_same_result_whatever_it_is_fitted_with(model: an.ApogeeNet) -> None:
+    """The label assets fit many sources per call: a source's labels and uncertainties must not
+    depend on its batch-mates (memoised re-runs fit different mixes)."""
+    spectra, _, _ = raw_release_like(3, 21, 40.0, "giants")
+    alone = an.fit_spectra(model, spectra[1:2])
+    together = an.fit_spectra(model, spectra)
+    # equal up to float32 summation order in the batched matrix products
+    assert alone[0] == pytest.approx(together[1], rel=1e-5)
+    assert an.fit_spectra(model, spectra[1:2], seed=1)[0]["u_teff"] != alone[0]["u_teff"]
+
+
 def test_bad_spectra_get_flags_not_exceptions(model: an.ApogeeNet) -> None:
     spectra, truth, _ = raw_release_like(1, 21, 100.0, "giants")
     good = spectra[0]

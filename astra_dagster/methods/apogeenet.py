@@ -44,6 +44,7 @@ import os
 import time
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -804,7 +805,7 @@ class ApogeeNet:
     # -- prediction -------------------------------------------------------------------------
 
     def _mc(self, flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, n_draws: int,
-            rng: np.random.Generator, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+            rng: np.random.Generator, chunk: int = 64, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Labels from the direct pass and their standard deviation over ``n_draws`` noisy copies
         of the input (NaN std for ``n_draws`` < 2), in output units (log10 Teff, logg, [Fe/H]).
 
@@ -812,6 +813,9 @@ class ApogeeNet:
         noise twice. The noise is drawn on the binned log-flux input with the per-bin σ that
         the pixel σ propagates to (:func:`input_sigma`), so the costly pre-processing (sorting
         for the median and the clip levels) runs once per spectrum, not once per copy.
+
+        With ``seed``, each spectrum's noise comes from its own stream (``seed`` and a hash of its
+        input), so its uncertainty does not depend on which other spectra share the call.
         """
         n = flux.shape[0]
         value = np.full((n, len(LABELS)), np.nan)
@@ -825,7 +829,13 @@ class ApogeeNet:
             if n_draws < 2:
                 continue
             sx = input_sigma(f, iv, g, level, self.bin_factor)
-            noisy = x[None] + sx[None] * rng.standard_normal((n_draws, m, x.shape[1]), dtype=np.float32)
+            if seed is None:
+                draws = rng.standard_normal((n_draws, m, x.shape[1]), dtype=np.float32)
+            else:
+                draws = np.stack([
+                    np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(np.ascontiguousarray(row).tobytes())])
+                    .standard_normal((n_draws, x.shape[1]), dtype=np.float32) for row in x], axis=1)
+            noisy = x[None] + sx[None] * draws
             # small batches keep each layer's activations in cache: 256 rows were 1.6x slower
             out = self._destandardise(self.net.predict(noisy.reshape(n_draws * m, -1), batch=8))
             std[s: s + m] = out.reshape(n_draws, m, len(LABELS)).std(axis=0, ddof=1)
@@ -871,7 +881,8 @@ class ApogeeNet:
         std = np.full((n, len(LABELS)), np.nan)
         if run.any():
             rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x6D63]))
-            mean[run], std[run] = self._mc(flux[run], np.where(good[run], ivar[run], 0.0), good[run], n_draws, rng)
+            mean[run], std[run] = self._mc(flux[run], np.where(good[run], ivar[run], 0.0), good[run], n_draws, rng,
+                                           seed=int(seed))
         with np.errstate(invalid="ignore"):
             floor = self.error_floor[(mean[:, 0] >= math.log10(HOT_TEFF)).astype(np.intp)]
         total = np.sqrt(np.where(np.isfinite(std), std, 0.0) ** 2 + floor**2)
