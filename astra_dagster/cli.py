@@ -232,7 +232,10 @@ def release_register(directory: Path, run: bool) -> None:
     from astra_dagster.instance import get_instance
     from astra_dagster.pipeline import ensure_models, run_planned
     from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+    from astra_dagster.spectra.manifest import MANIFEST_NAME
 
+    if not (directory / MANIFEST_NAME).is_file():
+        raise AstraCliError(f"{directory}: no {MANIFEST_NAME} (not a release, or still being written)")
     initialise(echo=False)
     settings = get_settings()
     instance = get_instance(settings)

@@ -113,3 +113,26 @@ def test_unreachable_database_names_the_masked_url() -> None:
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert "postgresql://astra:***@127.0.0.1:9/astra" in proc.stderr
         assert "s3cret" not in proc.stderr + proc.stdout
+
+
+def test_release_generate_and_register(clean_db: str, tmp_path: Path) -> None:
+    """astra release generate writes a complete release; register (without --run) records its
+    sources once, and again is a no-op; a folder without a manifest is refused by name."""
+    proc = astra("release", "generate", str(tmp_path), "--release", "cli-r1", "--sources", "3", "--seed", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 sources" in proc.stdout
+    manifest = json.loads((tmp_path / "cli-r1" / "manifest.json").read_text())
+    assert len(manifest["sources"]) == 3
+    env = {"ASTRA_RELEASE_ASSETS": "spectra"}
+    first = astra("release", "register", str(tmp_path / "cli-r1"), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "3 sources" in first.stdout
+    with connect() as conn:
+        assert conn.execute("select count(*) from astra.release_source").fetchone()[0] == 3
+    again = astra("release", "register", str(tmp_path / "cli-r1"), env=env)
+    assert again.returncode == 0, again.stderr
+    with connect() as conn:
+        assert conn.execute("select count(*) from astra.release_source").fetchone()[0] == 3
+    (tmp_path / "half").mkdir()
+    bad = astra("release", "register", str(tmp_path / "half"), env=env)
+    assert bad.returncode != 0 and "half" in (bad.stderr + bad.stdout)
