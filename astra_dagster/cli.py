@@ -240,8 +240,7 @@ def release_register(directory: Path, run: bool) -> None:
     settings = get_settings()
     instance = get_instance(settings)
     plan = plan_new_releases(instance, directory.resolve().parent, None,
-                             block_size=settings.sources_per_partition)
-    plan.registrations = [r for r in plan.registrations if r.release == directory.name] or plan.registrations
+                             block_size=settings.sources_per_partition, only=directory.resolve().name)
     if plan.errors:
         raise AstraCliError(plan.errors[0])
     if plan.new_partition_keys:

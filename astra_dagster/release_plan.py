@@ -75,8 +75,10 @@ def plan_new_releases(
     block_size: int,
     blocks_per_run: int = DEFAULT_BLOCKS_PER_RUN,
     database_url: str | None = None,
+    only: str | None = None,
 ) -> ReleasePlan:
-    """Register every complete release not yet in the cursor and plan runs for its changed sources.
+    """Register every complete release not yet in the cursor and plan runs for its changed sources
+    (``only``: just the release of that name).
 
     The cursor maps release name → manifest sha256, so a tick with nothing new reads only the
     manifests' hashes. Partition keys are appended in source order, so ranges stay contiguous.
@@ -87,6 +89,8 @@ def plan_new_releases(
     existing = list(instance.get_dynamic_partitions(SOURCE_BLOCKS_NAME))
     known = set(existing)
     for release_dir in complete_releases(data_root):
+        if only is not None and release_dir.name != only:
+            continue
         digest = manifest_sha256(release_dir)
         if seen.get(release_dir.name) == digest:
             continue

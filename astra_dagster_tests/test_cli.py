@@ -124,11 +124,15 @@ def test_release_generate_and_register(clean_db: str, tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "cli-r1" / "manifest.json").read_text())
     assert len(manifest["sources"]) == 3
     env = {"ASTRA_RELEASE_ASSETS": "spectra"}
+    # a sibling release in the same folder is not registered by registering cli-r1
+    assert astra("release", "generate", str(tmp_path), "--release", "cli-r0", "--sources", "2",
+                 "--seed", "5").returncode == 0
     first = astra("release", "register", str(tmp_path / "cli-r1"), env=env)
     assert first.returncode == 0, first.stderr
     assert "3 sources" in first.stdout
     with connect() as conn:
         assert conn.execute("select count(*) from astra.release_source").fetchone()[0] == 3
+        assert conn.execute("select array_agg(name) from astra.data_release").fetchone()[0] == ["cli-r1"]
     again = astra("release", "register", str(tmp_path / "cli-r1"), env=env)
     assert again.returncode == 0, again.stderr
     with connect() as conn:
