@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from astra_dagster.methods.modelfile import write_arrays
 from astra_dagster.spectra.bitmask import BAD_PIXELS, flag
 from astra_dagster.spectra.spectrum import APSTAR_NPIX, Spectrum
 
@@ -944,15 +945,10 @@ class ApogeeNet:
         """Write the model as one ``.npz`` at exactly ``path`` (atomically) and return the path."""
         if not self.trained:
             raise ApogeeNetError(f"refusing to write an untrained ApogeeNet to {path}")
-        path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
         arrays = {f"param_{k}": v for k, v in self.net.params.items()}
         arrays["input_mean"] = self.input_mean.astype(np.float32)
         arrays["config"] = np.array(json.dumps(self.config()))
-        with open(tmp, "wb") as fh:  # a file handle: numpy must not append ".npz" to the name
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-        return path
+        return write_arrays(path, arrays)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> ApogeeNet:

@@ -62,9 +62,7 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +72,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from astra_dagster.methods import continuum
+from astra_dagster.methods.modelfile import read_arrays, write_arrays
 from astra_dagster.spectra import synth
 from astra_dagster.spectra.spectrum import APSTAR_NPIX, Spectrum, apstar_wavelength
 
@@ -309,35 +308,16 @@ class FerreGrid:
         """Write the grid to exactly ``path`` (one ``.npz`` file, atomically: temp file + rename)."""
         path = Path(path)
         config = {"axes": [[a.name, a.start, a.step, a.n] for a in self.axes], "meta": self.meta}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, format=np.array(FORMAT), config=np.array(json.dumps(config, sort_keys=True)),
-                         depth=self.depth, pixels=self.pixels)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_arrays(path, {"format": np.array(FORMAT), "config": np.array(json.dumps(config, sort_keys=True)),
+                                   "depth": self.depth, "pixels": self.pixels})
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> FerreGrid:
         """Read a grid written by :meth:`write`; :class:`FerreError` naming the file for
         anything else (FileNotFoundError if it does not exist)."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                contents = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise FerreError(f"{path}: not a readable FERRE grid file ({exc})") from exc
-        missing = [k for k in ("format", "config", "depth", "pixels") if k not in contents]
-        if missing:
-            raise FerreError(f"{path}: not a FERRE grid file (no {missing})")
-        if str(contents["format"]) != FORMAT:
-            raise FerreError(f"{path}: grid format {str(contents['format'])!r}, this code reads {FORMAT!r}")
+        contents = read_arrays(path, what="FERRE grid", error=FerreError, file_format=FORMAT,
+                               required=("format", "config", "depth", "pixels"))
         try:
             config = json.loads(str(contents["config"]))
             axes = tuple(GridAxis(str(n), float(s), float(d), int(k)) for n, s, d, k in config["axes"])

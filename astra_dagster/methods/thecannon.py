@@ -69,8 +69,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations_with_replacement
@@ -78,6 +76,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from astra_dagster.methods.modelfile import read_arrays, write_arrays
 
 FORMAT = "astra-thecannon/1"
 
@@ -854,34 +854,15 @@ class CannonModel:
         for i, p in enumerate(self.pieces):
             for key in _PIECE_ARRAYS:
                 arrays[f"piece{i}_{key}"] = getattr(p, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_arrays(path, arrays)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> CannonModel:
         """Read a model written by :meth:`write`; :class:`CannonError` naming the file for
         anything else (FileNotFoundError if it does not exist)."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                contents = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise CannonError(f"{path}: not a readable Cannon model file ({exc})") from exc
-        for key in ("format", "config", "fiducials", "scales", "training_labels"):
-            if key not in contents:
-                raise CannonError(f"{path}: not a Cannon model file (no {key!r} array)")
-        if str(contents["format"]) != FORMAT:
-            raise CannonError(f"{path}: model format {str(contents['format'])!r}, this code reads {FORMAT!r}")
+        contents = read_arrays(path, what="Cannon model", error=CannonError, file_format=FORMAT,
+                               required=("format", "config", "fiducials", "scales", "training_labels"))
         try:
             config = json.loads(str(contents["config"]))
             model = cls(config["label_names"], order=config["order"], regularization=config["regularization"],

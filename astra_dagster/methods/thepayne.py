@@ -39,9 +39,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from astra_dagster.methods import continuum
+from astra_dagster.methods.modelfile import read_arrays, write_arrays
 from astra_dagster.spectra.spectrum import APSTAR_CDELT1, APSTAR_NPIX, C_KMS, Spectrum
 
 FORMAT = "astra-thepayne/1"
@@ -259,36 +258,16 @@ class PayneModel:
             "basis": self.basis, "mean": self.mean,
             "model_sigma": self.model_sigma, "start_points": self.start_points, "label_floor": self.label_floor,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_arrays(path, arrays)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> PayneModel:
         """Read a model written by :meth:`write`; :class:`PayneError` naming the file for anything
         else (FileNotFoundError if it does not exist)."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                contents = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise PayneError(f"{path}: not a readable Payne model file ({exc})") from exc
         needed = ("format", "config", "x_min", "x_max", "pixels", "w0", "b0", "w1", "b1", "w2", "b2", "basis",
                   "mean", "model_sigma", "start_points", "label_floor")
-        missing = [k for k in needed if k not in contents]
-        if missing:
-            raise PayneError(f"{path}: not a Payne model file (lacks {missing})")
-        if str(contents["format"]) != FORMAT:
-            raise PayneError(f"{path}: model format {str(contents['format'])!r}, this code reads {FORMAT!r}")
+        contents = read_arrays(path, what="Payne model", error=PayneError, required=needed, file_format=FORMAT)
         try:
             config = json.loads(str(contents["config"]))
             return cls(label_names=config["label_names"], x_min=contents["x_min"], x_max=contents["x_max"],
