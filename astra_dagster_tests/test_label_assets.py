@@ -160,8 +160,7 @@ def test_model_configs_match_the_methods_training_entry_points() -> None:
              (labels.TrainApogeeNet, apogeenet, {"n_train": apogeenet.DEFAULT_TRAINING["n_spectra"],
                                                  "epochs": apogeenet.DEFAULT_TRAINING["epochs"]})]
     for config_class, module, defaults in pairs:
-        fields = {k: v for k, v in config_class().model_dump().items()
-                  if k not in ("force", "astra_version_major", "astra_version_minor")}
+        fields = labels.training_options(config_class())
         signature = inspect.signature(module.train_model)
         takes_options = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         for name, value in fields.items():

@@ -40,10 +40,13 @@ def _method(module: str) -> Any:
     return importlib.import_module(f"astra_dagster.methods.{module}")
 
 
+def training_options(config: AstraConfig) -> dict[str, Any]:
+    """The Config's own fields (not those every Astra task has): the method's training options."""
+    return {k: v for k, v in config.model_dump().items() if k not in AstraConfig.model_fields}
+
+
 def _train(module: str, config: AstraConfig) -> dict[str, Any]:
-    options = {k: v for k, v in config.model_dump().items() if k not in ("force", "astra_version_major",
-                                                                           "astra_version_minor")}
-    model = _method(module).train_model(**options)
+    model = _method(module).train_model(**training_options(config))
     return {"model": model, **model.summary()}
 
 
