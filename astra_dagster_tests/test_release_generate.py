@@ -275,3 +275,37 @@ def test_training_draws_are_independent_of_release_draws() -> None:
     released = np.array([rs._draw_source(seed, i).labels["teff"] for i in range(20)])
     assert not np.any(np.isin(np.round(training, 6), np.round(released, 6)))
     assert abs(np.corrcoef(training, released)[0, 1]) < 0.6
+
+
+def test_rv_information_limit_matches_monte_carlo() -> None:
+    """The Cramér–Rao bound is the scatter a χ² fit with the true template reaches over noise draws,
+    and it separates a slow-rotating giant (tens of m/s) from a fast-rotating hot star (km/s)."""
+    seed, taken = 3, set()
+    sources = [rs._new_source(seed, i, taken) for i in range(47)]
+    giant, hot = sources[3], sources[46]
+    assert giant.kind == "giant" and hot.kind == "hot" and hot.labels["vsini"] > 100
+    visit = rs._initial_visits(giant, seed, keep_model=True)[0]
+    limit = rs.rv_information_limit(giant, visit)
+    assert 0.01 < limit < 0.1
+
+    flat = visit.wavelength.ravel()
+    offsets = np.linspace(-4, 4, 9) * limit
+    star = [synth.synthesize(giant.labels, flat, synth.RELEASE_SETTINGS, rv_kms=visit.vrel + d, fiber=visit.fiber)
+            for d in offsets]
+    models = visit.model.ravel() * np.array(star) / star[4]
+    sigma = visit.sigma.ravel().astype(float)
+    good = (visit.flags.ravel() & BAD_PIXELS) == 0
+    rng = np.random.default_rng(1)
+    fits = []
+    for _ in range(300):
+        data = visit.model.ravel() + rng.normal(size=sigma.size) * sigma
+        chi2 = np.sum(((data - models)[:, good] / sigma[good]) ** 2, axis=1)
+        a, b, _ = np.polyfit(offsets, chi2, 2)
+        fits.append(-b / (2 * a))
+    assert abs(np.mean(fits)) < 0.2 * limit
+    assert np.std(fits) == pytest.approx(limit, rel=0.15)
+
+    hot_visit = rs._initial_visits(hot, seed, keep_model=True)[0]
+    assert rs.rv_information_limit(hot, hot_visit) > 20 * limit
+    with pytest.raises(ValueError, match="keep_model"):
+        rs.rv_information_limit(giant, rs._initial_visits(giant, seed)[0])

@@ -613,12 +613,12 @@ def _new_source(seed: int, index: int, taken: set[str]) -> SourceTruth:
     return src
 
 
-def _initial_visits(src: SourceTruth, seed: int) -> list[Visit]:
+def _initial_visits(src: SourceTruth, seed: int, keep_model: bool = False) -> list[Visit]:
     visits, jd = [], src.jd0
     for k in range(1, src.n_visits + 1):
         if k > 1:
             jd = _next_jd(seed, src.index, k, jd)
-        visits.append(render_visit(src, k, seed, jd))
+        visits.append(render_visit(src, k, seed, jd, keep_model=keep_model))
     return visits
 
 
@@ -728,3 +728,42 @@ def summarize(release_dir: str | Path) -> ReleaseSummary:
     src, vis = read_truth(release_dir)
     return ReleaseSummary(len(src), len(vis), [float(r["snr"]) for r in src])
 
+
+
+# ----------------------------------------------------------------------------- information limits
+
+
+def rv_information_limit(src: SourceTruth, visit: Visit, step_kms: float = 0.05) -> float:
+    """Cramér–Rao bound (km/s) on the radial velocity of one rendered visit.
+
+    The smallest RV standard deviation any unbiased method can reach on this visit's pixels: the
+    Fisher information Σ (∂F/∂v)² / σ² of the noiseless flux over the pixels a reader keeps (no
+    ``BAD_PIXELS`` bit), with ∂F/∂v from the star's spectrum shifted by ±``step_kms`` (tellurics,
+    sky and throughput do not move with the star). Continuum and labels are taken as known, so real
+    fits sit somewhat above it. ``visit`` must come from :func:`render_visit` with ``keep_model``.
+    Benchmarks use it to tell a method's shortfall from the information in the spectrum (a fast-
+    rotating hot star has almost none).
+    """
+    if visit.model is None:
+        raise ValueError(f"{visit.file or visit.source_id}: rendered without keep_model=True")
+    flat = visit.wavelength.ravel()
+    spec = [synth.synthesize(src.labels, flat, synth.RELEASE_SETTINGS, rv_kms=visit.vrel + d, fiber=visit.fiber)
+            for d in (-step_kms, 0.0, step_kms)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dfdv = visit.model.ravel() * (spec[2] - spec[0]) / (2.0 * step_kms) / spec[1]
+    sigma = visit.sigma.ravel().astype(float)
+    good = ((visit.flags.ravel() & BAD_PIXELS) == 0) & np.isfinite(dfdv) & (sigma > 0)
+    fisher = float(np.sum((dfdv[good] / sigma[good]) ** 2))
+    return math.inf if fisher <= 0 else 1.0 / math.sqrt(fisher)
+
+
+def visit_rv_information_limits(seed: int, n_sources: int) -> dict[tuple[str, int], float]:
+    """:func:`rv_information_limit` of every visit of ``generate_release(..., n_sources, seed)``,
+    keyed by (source_id, mjd) like the truth table (the release is re-rendered, not read)."""
+    taken: set[str] = set()
+    out: dict[tuple[str, int], float] = {}
+    for index in range(n_sources):
+        src = _new_source(seed, index, taken)
+        for visit in _initial_visits(src, seed, keep_model=True):
+            out[(src.source_id, visit.mjd)] = rv_information_limit(src, visit)
+    return out
