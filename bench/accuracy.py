@@ -11,6 +11,14 @@ one JSON object (contract 6 of ARCHITECTURE.md):
      "bins": [{"snr_lo": 10, "snr_hi": 20, "n": k, "labels": {"vrel": {"bias": ..., "rms": ...,
                "robust_sigma": ..., "outlier_frac": ..., "pull_std": ...}, ...}}, ...]}
 
+Beyond the contract the JSON has ``pooled`` (S/N >= 20, >= 50, >= 100 as one bin each: how
+the issues state their targets), ``by_kind`` (the bins per kind of star: giant, dwarf, hot,
+yso) and ``unflagged`` / ``unflagged_pooled`` (only results without a flag bit that makes them
+unusable, with ``coverage``, the fraction of the bin they are). For doppler each vrel entry also
+has ``crb_rms``, the rms of the visits' Cramér–Rao bounds computed from the generator's noiseless
+spectra (the rms no method can beat on those visits), and ``rms_over_crb``. ``--worst N``
+prints the N worst spectra with their true (also hidden) labels.
+
 Set OMP_NUM_THREADS=1 (the script does by default) so one core does one spectrum.
 """
 
@@ -23,10 +31,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -36,48 +46,77 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 class Method:
     asset: str
     table: str
-    #: Builds (truth, estimate, uncertainty, snr, kind of star) per spectrum from the result rows
-    #: and the truth tables.
-    compare: Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list]]
+    #: Builds (truth, estimate, uncertainty, snr, kind of star, bitmask flag or None, source_id)
+    #: per spectrum from the result rows and the truth tables.
+    compare: Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list, list, list]]
+    #: Flag bits that do not make a result unusable (left out of the "unflagged" selection).
+    informational: int = 0
 
 
-def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list, list]:
+def _doppler_visits(rows: list[dict], visits: dict) -> Iterator[tuple[dict, int, dict]]:
+    """(result row, index in its arrays, truth visit) for every visit with a truth row."""
+    for row in rows:
+        for i, mjd in enumerate(row["mjd"]):
+            visit = visits.get((row["source_id"], mjd))
+            if visit is not None:
+                yield row, i, visit
+
+
+def visit_keys(rows: list[dict], visits: dict) -> list[tuple[str, int]]:
+    """(source_id, mjd) of the spectra :func:`_doppler` compares, in its order."""
+    return [(row["source_id"], row["mjd"][i]) for row, i, _ in _doppler_visits(rows, visits)]
+
+
+def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list, list, list, list]:
     """Per visit: vrel against the true v_rel; Doppler's coarse labels against the star's."""
     names = {"vrel": "vrel", "teff": "teff", "logg": "logg", "fe_h": "fe_h"}
     truth: dict[str, list] = {k: [] for k in names}
     est: dict[str, list] = {k: [] for k in names}
     unc: dict[str, list] = {k: [] for k in names}
-    snr, kinds = [], []
-    for row in rows:
+    snr, kinds, flags = [], [], []
+    for row, i, visit in _doppler_visits(rows, visits):
         star = stars[row["source_id"]]
-        for i, mjd in enumerate(row["mjd"]):
-            visit = visits.get((row["source_id"], mjd))
-            if visit is None:
-                continue
-            for name in names:
-                truth[name].append(visit["vrel"] if name == "vrel" else star[name])
-                value = row[name][i]
-                est[name].append(float("nan") if value is None else value)
-                u = row[f"u_{name}"]
-                u = u[i] if isinstance(u, list) else u
-                unc[name].append(float("nan") if u is None else u)
-            snr.append(visit["snr"])
-            kinds.append(star.get("kind", "?"))
-    return truth, est, unc, snr, kinds
+        for name in names:
+            truth[name].append(visit["vrel"] if name == "vrel" else star[name])
+            value = row[name][i]
+            est[name].append(float("nan") if value is None else value)
+            u = row[f"u_{name}"]
+            u = u[i] if isinstance(u, list) else u
+            unc[name].append(float("nan") if u is None else u)
+        snr.append(visit["snr"])
+        kinds.append(star.get("kind", "?"))
+        flags.append((row.get("bitmask_flag") or [None] * (i + 1))[i])
+    return truth, est, unc, snr, kinds, flags
+
+
+def add_information_limit(bins: list[dict], label: str, limit: list[float], snr: list[float]) -> None:
+    """Adds ``crb_rms`` (√ mean of the squared Cramér–Rao bounds) and ``rms_over_crb`` to
+    ``label``'s statistics in each bin: the rms no method could beat, and how far above it we are."""
+    lim, s = np.asarray(limit, dtype=float), np.asarray(snr, dtype=float)
+    for b in bins:
+        st = b["labels"][label]
+        with np.errstate(invalid="ignore"):
+            pick = np.isfinite(s) & (s >= b["snr_lo"]) & ((s < b["snr_hi"]) if b["snr_hi"] is not None else True)
+        pick &= np.isfinite(lim)
+        if not pick.any() or st["rms"] is None:
+            st["crb_rms"] = st["rms_over_crb"] = None
+            continue
+        st["crb_rms"] = float(np.sqrt(np.mean(lim[pick] ** 2)))
+        st["rms_over_crb"] = st["rms"] / st["crb_rms"]
 
 
 def _labels(mapping: dict[str, str], relative_teff: bool = False
-            ) -> Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list]]:
+            ) -> Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list, list, list]]:
     """Per apStar stack: the table's columns (keys of ``mapping``) against the star's truth
     (values); with ``relative_teff`` also ``teff_frac`` = ΔTeff / Teff (the FERRE and APOGEENet
     targets are relative)."""
 
-    def compare(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list, list]:
+    def compare(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, dict, list, list, list, list]:
         names = list(mapping) + (["teff_frac"] if relative_teff else [])
         truth: dict[str, list] = {k: [] for k in names}
         est: dict[str, list] = {k: [] for k in names}
         unc: dict[str, list] = {k: [] for k in names}
-        snr, kinds = [], []
+        snr, kinds, flags, ids = [], [], [], []
         for row in rows:
             star = stars[row["source_id"]]
             for i, s in enumerate(row["snr"]):
@@ -93,15 +132,21 @@ def _labels(mapping: dict[str, str], relative_teff: bool = False
                     unc["teff_frac"].append(float("nan") if u is None else u / star["teff"])
                 snr.append(float("nan") if s is None else s)
                 kinds.append(star.get("kind", "?"))
-        return truth, est, unc, snr, kinds
+                flags.append(row["bitmask_flag"][i])
+                ids.append(row["source_id"])
+        return truth, est, unc, snr, kinds, flags, ids
 
     return compare
 
 
+#: Pooled bins for the targets as the issues state them ("at S/N >= 50").
+TARGET_BINS = ((20, None), (50, None), (100, None))
+
 _MAIN = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m"}
 
 METHODS: dict[str, Method] = {
-    "doppler": Method("doppler", "doppler", _doppler),
+    # Bits 3, 7, 9: non-finite pixels were masked, bc computed, rest-frame input (all benign).
+    "doppler": Method("doppler", "doppler", _doppler, informational=(1 << 3) | (1 << 7) | (1 << 9)),
     "thecannon": Method("thecannon", "thecannon", _labels(_MAIN)),
     "thepayne": Method("thepayne", "thepayne", _labels({**_MAIN, "rv": "rv_zero"})),
     "ferre": Method("ferre", "ferre", _labels({"teff": "teff", "logg": "logg", "metals": "fe_h",
@@ -111,12 +156,34 @@ METHODS: dict[str, Method] = {
 }
 
 
+def print_worst(n: int, truth: dict, est: dict, snr: list, kinds: list, flags: list, ids: list,
+                stars: dict) -> None:
+    """The ``n`` spectra whose worst label error is largest in units of that label's robust σ,
+    with their true main and hidden labels (what the diagnosis of a tail needs)."""
+    from astra_dagster.methods.metrics import robust_sigma
+
+    score = np.zeros(len(snr))
+    for name in truth:
+        d = np.asarray(est[name], dtype=float) - np.asarray(truth[name], dtype=float)
+        rs = robust_sigma(d) or 1.0
+        score = np.fmax(score, np.abs(d) / rs)
+    hidden = ("vmicro", "vmacro", "vsini", "c_fe", "n_fe", "binary_k")
+    print(f"--- worst {n}")
+    for i in np.argsort(-np.nan_to_num(score, nan=np.inf))[:n]:
+        star = stars[ids[i]]
+        deltas = " ".join(f"Δ{k}={est[k][i] - truth[k][i]:+.3g}" for k in truth)
+        true = " ".join(f"{k}={star[k]:.3g}" for k in ("teff", "logg", "fe_h", "alpha_m", *hidden) if k in star)
+        print(f"{ids[i]} {kinds[i]:5s} S/N {snr[i]:.0f} flag {flags[i]} score {score[i]:.1f}  {deltas}  | {true}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--sources", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temporary ASTRA_HOME")
+    parser.add_argument("--worst", type=int, default=0,
+                        help="print the N spectra with the largest error (in robust σ of their label) and their truth")
     parser.add_argument("--model-config", type=json.loads, default=None,
                         help='JSON Config of the model asset, e.g. \'{"n_train": 3000}\' (default: its defaults)')
     args = parser.parse_args()
@@ -132,10 +199,10 @@ def main() -> None:
     from astra_dagster.db.connection import close_pools, connect
     from astra_dagster.db.embedded import stop_server
     from astra_dagster.instance import get_instance, write_dagster_yaml
-    from astra_dagster.methods.metrics import accuracy_bins
+    from astra_dagster.methods.metrics import SNR_BINS, accuracy_bins
     from astra_dagster.pipeline import ensure_models, run_planned
     from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
-    from astra_dagster.spectra.release import generate_release, read_truth
+    from astra_dagster.spectra.release import generate_release, read_truth, visit_rv_information_limits
 
     try:
         t0 = time.perf_counter()
@@ -181,33 +248,66 @@ def main() -> None:
         # apStar spectra are in the star's rest frame: a fitted RV offset should be zero.
         stars = {s["source_id"]: {**s, "rv_zero": 0.0} for s in stars_list}
         visits = {(v["source_id"], v["mjd"]): v for v in visit_list}
-        truth, est, unc, snr, kinds = method.compare(rows, stars, visits)
-        bins = accuracy_bins(truth, est, unc, snr)
-        by_kind = {}
-        for kind in sorted(set(kinds)):
-            pick = [i for i, k in enumerate(kinds) if k == kind]
-            sub = accuracy_bins({k: [v[i] for i in pick] for k, v in truth.items()},
-                                {k: [v[i] for i in pick] for k, v in est.items()},
-                                {k: [v[i] for i in pick] for k, v in unc.items()}, [snr[i] for i in pick],
-                                bins=((20, None),))[0]
-            by_kind[kind] = sub
-            cells = "  ".join(f"{label} rms {st['rms']:.3g} (robust {st['robust_sigma']:.3g})"
-                              for label, st in sub["labels"].items() if st["rms"] is not None)
-            print(f"S/N>=20 {kind:6s} n={sub['n']:4d}  {cells}")
-        per_spectrum = science_s / max(len(snr), 1)
-        for b in bins:
-            hi = "" if b["snr_hi"] is None else b["snr_hi"]
-            print(f"S/N {b['snr_lo']}-{hi}: n={b['n']}")
-            for label, st in b["labels"].items():
-                if st["rms"] is None:
+        truth, est, unc, snr, kinds, flags, ids = method.compare(rows, stars, visits)
+
+        def subset(pick: list[int], bins: Any = SNR_BINS) -> list[dict]:
+            return accuracy_bins({k: [v[i] for i in pick] for k, v in truth.items()},
+                                 {k: [v[i] for i in pick] for k, v in est.items()},
+                                 {k: [v[i] for i in pick] for k, v in unc.items()}, [snr[i] for i in pick],
+                                 bins=bins)
+
+        everyone = list(range(len(snr)))
+        bins = subset(everyone)
+        if method.asset == "doppler":
+            # The Cramér–Rao bound of each visit (from the generator's noiseless spectrum) says how
+            # much of a shortfall is the method's and how much is the spectrum's.
+            t0 = time.perf_counter()
+            limits = visit_rv_information_limits(args.seed, args.sources)
+            crb = [limits.get(key, float("nan")) for key in visit_keys(rows, visits)]
+            print(f"information limits of {len(limits)} visits in {time.perf_counter() - t0:.1f} s", flush=True)
+            add_information_limit(bins, "vrel", crb, snr)
+        by_kind = {kind: subset([i for i in everyone if kinds[i] == kind]) for kind in sorted(set(kinds))}
+        # The issues state targets "at S/N >= 50" (or 20, 100): one pooled bin each.
+        pooled = subset(everyone, TARGET_BINS)
+        if method.asset == "doppler":
+            add_information_limit(pooled, "vrel", crb, snr)
+        report_sets: dict[str, list[dict]] = {"all": bins, "all, pooled": pooled}
+        for kind, kind_bins in by_kind.items():
+            if method.asset == "doppler":
+                add_information_limit(kind_bins, "vrel", [crb[i] for i in everyone if kinds[i] == kind],
+                                      [snr[i] for i in everyone if kinds[i] == kind])
+            report_sets[f"kind={kind}"] = kind_bins
+        unflagged = [i for i in everyone if flags[i] is not None and not (flags[i] & ~method.informational)]
+        if method.asset != "doppler" or unflagged:
+            report_sets["unflagged"] = subset(unflagged)
+            report_sets["unflagged, pooled"] = subset(unflagged, TARGET_BINS)
+            for name, reference in (("unflagged", bins), ("unflagged, pooled", pooled)):
+                for b, b_all in zip(report_sets[name], reference, strict=True):
+                    b["coverage"] = round(b["n"] / b_all["n"], 4) if b_all["n"] else None
+        for name, set_bins in report_sets.items():
+            print(f"--- {name}")
+            for b in set_bins:
+                if not b["n"]:
                     continue
-                pull = "-" if st["pull_std"] is None else f"{st['pull_std']:.2f}"
-                print(f"  {label:6s} bias {st['bias']:+.4g}  rms {st['rms']:.4g}  robust σ {st['robust_sigma']:.4g}"
-                      f"  outliers {st['outlier_frac']:.3f}  pull std {pull}")
+                hi = "" if b["snr_hi"] is None else b["snr_hi"]
+                extra = f" (coverage {b['coverage']:.2f})" if b.get("coverage") is not None else ""
+                print(f"S/N {b['snr_lo']}-{hi}: n={b['n']}{extra}")
+                for label, st in b["labels"].items():
+                    if st["rms"] is None:
+                        continue
+                    pull = "-" if st["pull_std"] is None else f"{st['pull_std']:.2f}"
+                    limit = (f"  CRB rms {st['crb_rms']:.4g} (rms/CRB {st['rms_over_crb']:.2f})"
+                             if st.get("crb_rms") is not None else "")
+                    print(f"  {label:6s} bias {st['bias']:+.4g}  rms {st['rms']:.4g}  robust σ {st['robust_sigma']:.4g}"
+                          f"  outliers {st['outlier_frac']:.3f}  pull std {pull}{limit}")
+        if args.worst:
+            print_worst(args.worst, truth, est, snr, kinds, flags, ids, stars)
+        per_spectrum = science_s / max(len(snr), 1)
         print(f"{per_spectrum * 1000:.1f} ms per spectrum ({len(snr)} spectra, {len(rows)} sources)")
         report: dict[str, Any] = {"method": args.method, "seed": args.seed, "sources": args.sources,
                                   "seconds_per_spectrum": round(per_spectrum, 5), "bins": bins,
-                                  "by_kind_snr_ge_20": by_kind}
+                                  "pooled": pooled, "by_kind": by_kind, "unflagged": report_sets.get("unflagged"),
+                                  "unflagged_pooled": report_sets.get("unflagged, pooled")}
     finally:
         close_pools()
         stop_server(home)
