@@ -203,6 +203,8 @@ class TrainTheCannon(AstraConfig):
     order: int = Field(default=2, description="Polynomial order of the vectorizer.")
     regularization: float = Field(default=0.0, description="L1 strength Λ (0: none).")
     regions: str = Field(default="survey", description="'survey' (piecewise: cool/warm giants and dwarfs) or 'none'.")
+    hidden_scatter: bool = Field(default=True, description="Training stars' microturbulence, rotation, [C/Fe] and "
+                                 "[N/Fe] scatter about their relations (learned as pixel scatter s²).")
 
 
 class EstimateTheCannonLabels(SourceTaskConfig):

@@ -1088,26 +1088,36 @@ TRAINING_KINDS: tuple[str, ...] = ("giant", "dwarf", "yso")
 LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m")
 
 
-def training_spectra(n_train: int, seed: int, *, kinds: Sequence[str] = TRAINING_KINDS
-                     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def training_spectra(n_train: int, seed: int, *, kinds: Sequence[str] = TRAINING_KINDS,
+                     hidden_scatter: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``n_train`` noiseless generator spectra (TRAINING_SETTINGS: an independent draw and
     instrument settings from any release) of the populations ``kinds``, normalised with the
-    shared continuum rule: (flux, ivar, labels)."""
+    shared continuum rule: (flux, ivar, labels).
+
+    ``hidden_scatter``: the labels the model does not fit (microturbulence, rotation, [C/Fe],
+    [N/Fe]) scatter about their mean relations as they do in real stars, so the trained s²
+    carries that variance and the test step down-weights the pixels it affects, as a Cannon
+    trained on survey spectra would. Without it those pixels look perfectly predictable and
+    their star-to-star differences are read as label changes."""
+    import dataclasses
+
     from astra_dagster.methods import continuum
     from astra_dagster.spectra import synth
 
     if n_train < 1:
         raise CannonError(f"training set size must be >= 1, got {n_train}")
-    ts = synth.make_training_set(int(np.ceil(n_train / 0.85)) + 10, seed)
+    settings = dataclasses.replace(synth.TRAINING_SETTINGS, vary_hidden=hidden_scatter)
+    ts = synth.make_training_set(int(np.ceil(n_train / 0.85)) + 10, seed, settings=settings)
     keep = np.flatnonzero(np.isin(ts.kind, tuple(kinds)))[:n_train]
     flux, ivar = continuum.normalize_arrays(ts.wavelength, ts.flux[keep], ts.ivar[keep])
     return flux, ivar, {k: ts.labels[k][keep] for k in LABELS}
 
 
 def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAULT_TRAINING["seed"],
-                order: int = 2, regularization: float = 0.0, regions: str = "survey", cv_folds: int = 2) -> CannonModel:
+                order: int = 2, regularization: float = 0.0, regions: str = "survey", cv_folds: int = 2,
+                hidden_scatter: bool = True) -> CannonModel:
     """Train a Cannon model on :func:`training_spectra`. ``regions``: "survey" (the piecewise
-    :data:`SURVEY_REGIONS` model) or "none" (one polynomial)."""
+    :data:`SURVEY_REGIONS` model) or "none" (one polynomial); ``hidden_scatter`` see there."""
     import time
 
     from astra_dagster.methods import continuum
@@ -1115,8 +1125,9 @@ def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAU
     if regions not in ("survey", "none"):
         raise CannonError(f"regions must be 'survey' or 'none', got {regions!r}")
     start = time.perf_counter()
-    flux, ivar, labels = training_spectra(n_train, seed)
-    meta = {"n_train": int(flux.shape[0]), "seed": int(seed), "continuum": continuum.continuum_fingerprint()}
+    flux, ivar, labels = training_spectra(n_train, seed, hidden_scatter=hidden_scatter)
+    meta = {"n_train": int(flux.shape[0]), "seed": int(seed), "hidden_scatter": bool(hidden_scatter),
+            "continuum": continuum.continuum_fingerprint()}
     model = CannonModel(LABELS, order=order, regularization=regularization, meta=meta,
                         regions=SURVEY_REGIONS if regions == "survey" else None)
     model.train(flux, ivar, labels, cv_folds=cv_folds)
