@@ -32,7 +32,7 @@ relations), so no method fits the data with the exact model that made it (method
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -656,10 +656,13 @@ def draw_labels_with_kind(
         for name in MAIN_LABELS:
             main[name][sel] = drawn[name]
     base = hidden_label_relations(main["teff"], main["logg"], main["fe_h"])
-    hidden = _hidden_scatter(kind, base, main, rng) if hidden_scatter else base
-    if not hidden_scatter:  # on the relations, but rapid rotators stay rapid
-        hidden["vsini"] = np.where(kind == "hot", 120.0, np.where(kind == "yso", 15.0, base["vsini"]))
+    hidden = _hidden_scatter(kind, base, main, rng) if hidden_scatter else _unscattered(kind, base)
     return {**main, **hidden}, kind
+
+
+def _unscattered(kind: np.ndarray, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Hidden labels on their relations, but rapid rotators stay rapid."""
+    return {**base, "vsini": np.where(kind == "hot", 120.0, np.where(kind == "yso", 15.0, base["vsini"]))}
 
 
 def draw_labels(n: int, rng: np.random.Generator, population: str = "survey", *,
@@ -928,11 +931,14 @@ def make_training_set(
     settings: SynthesisSettings = TRAINING_SETTINGS,
     population: str = "survey",
     wavelength: np.ndarray | None = None,
+    scatter: Sequence[str] | None = None,
 ) -> TrainingSet:
     """``n`` synthetic spectra for training a method, independent of any release's stars.
 
     Labels come from :func:`draw_labels` (hidden labels scatter only if
-    ``settings.vary_hidden``); flux is continuum-normalised on ``wavelength`` (default the
+    ``settings.vary_hidden``, or, with ``scatter``, exactly the hidden labels it names: a method
+    that fits vmicro, [C/Fe] and [N/Fe] trains on stars where those vary and the rest stay on
+    their relations); flux is continuum-normalised on ``wavelength`` (default the
     apStar grid). ``snr=None``: noiseless with ivar = :data:`NOISELESS_IVAR`; otherwise Gaussian
     noise with σ = √flux / snr. ivar is 0 outside the detector chips.
     """
@@ -943,7 +949,14 @@ def make_training_set(
     wave = apstar_wavelength() if wavelength is None else _check_wavelength(wavelength)
     seq = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _TRAINING_STREAM])
     label_rng, noise_rng = (np.random.default_rng(s) for s in seq.spawn(2))
-    labels, kind = draw_labels_with_kind(n, label_rng, population, hidden_scatter=settings.vary_hidden)
+    if scatter is not None and set(scatter) - set(HIDDEN_LABELS):
+        unknown = sorted(set(scatter) - set(HIDDEN_LABELS))
+        raise ValueError(f"scatter names {unknown}; the hidden labels are {HIDDEN_LABELS}")
+    labels, kind = draw_labels_with_kind(n, label_rng, population,
+                                         hidden_scatter=settings.vary_hidden if scatter is None else True)
+    if scatter is not None:
+        fixed = _unscattered(kind, hidden_label_relations(labels["teff"], labels["logg"], labels["fe_h"]))
+        labels.update({k: fixed[k] for k in HIDDEN_LABELS if k not in scatter})
     flux = np.empty((n, wave.size))
     for i in range(n):
         flux[i] = synthesize({k: labels[k][i] for k in ALL_LABELS}, wave, settings)
