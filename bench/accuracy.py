@@ -121,7 +121,9 @@ def _labels(mapping: dict[str, str], relative_teff: bool = False
             star = stars[row["source_id"]]
             for i, s in enumerate(row["snr"]):
                 for column, true_name in mapping.items():
-                    value, u = row[column][i], row[f"u_{column}"][i]
+                    values, us = row[column] or [], row[f"u_{column}"] or []   # NULL: the model lacks it
+                    value = values[i] if i < len(values) else None
+                    u = us[i] if i < len(us) else None
                     truth[column].append(star[true_name])
                     est[column].append(float("nan") if value is None else value)
                     unc[column].append(float("nan") if u is None else u)
@@ -148,7 +150,8 @@ METHODS: dict[str, Method] = {
     # Bits 3, 7, 9: non-finite pixels were masked, bc computed, rest-frame input (all benign).
     "doppler": Method("doppler", "doppler", _doppler, informational=(1 << 3) | (1 << 7) | (1 << 9)),
     "thecannon": Method("thecannon", "thecannon", _labels(_MAIN)),
-    "thepayne": Method("thepayne", "thepayne", _labels({**_MAIN, "rv": "rv_zero"})),
+    "thepayne": Method("thepayne", "thepayne", _labels({**_MAIN, "v_turb": "vmicro", "c_h": "c_h", "n_h": "n_h",
+                                                        "rv": "rv_zero"})),
     "ferre": Method("ferre", "ferre", _labels({"teff": "teff", "logg": "logg", "metals": "fe_h",
                                                "o_mg_si_s_ca_ti": "alpha_m"}, relative_teff=True)),
     "apogeenet": Method("apogeenet", "apogeenet", _labels({"teff": "teff", "logg": "logg", "fe_h": "fe_h"},
@@ -246,7 +249,8 @@ def main() -> None:
                                      "and source_pk is not null", (method.asset,)).fetchone()[0]
         stars_list, visit_list = read_truth(release_dir)
         # apStar spectra are in the star's rest frame: a fitted RV offset should be zero.
-        stars = {s["source_id"]: {**s, "rv_zero": 0.0} for s in stars_list}
+        stars = {s["source_id"]: {**s, "rv_zero": 0.0, "c_h": s["c_fe"] + s["fe_h"], "n_h": s["n_fe"] + s["fe_h"]}
+                 for s in stars_list}
         visits = {(v["source_id"], v["mjd"]): v for v in visit_list}
         truth, est, unc, snr, kinds, flags, ids = method.compare(rows, stars, visits)
 

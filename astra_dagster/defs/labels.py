@@ -224,8 +224,9 @@ thecannon = label_asset("thecannon", "thecannon", EstimateTheCannonLabels, "thec
 
 
 class TrainThePayne(AstraConfig):
-    """A Payne emulator (MLP of normalised flux vs Teff, logg, [Fe/H], [α/M]) trained on noiseless
-    generator spectra with the TRAINING settings (an independent draw from any release)."""
+    """A Payne emulator (MLP of normalised flux vs Teff, logg, [Fe/H], [α/M], vmicro, [C/Fe],
+    [N/Fe]) trained on noiseless generator spectra with the TRAINING settings (an independent draw
+    from any release)."""
 
     task_family: ClassVar[str] = "ThePayne.TrainThePayne"
 
@@ -237,11 +238,15 @@ class TrainThePayne(AstraConfig):
     learning_rate: float = Field(default=3e-3, description="Adam learning rate.")
     n_components: int = Field(default=96, description="PCA components of the factorised output layer.")
     kinds: str = Field(default="giant,dwarf,yso", description="Generator populations in the training set.")
+    labels: str = Field(default="teff,logg,fe_h,alpha_m,vmicro,c_fe,n_fe",
+                        description="Emulator labels (teff, logg, fe_h required; vmicro, c_fe, n_fe are written "
+                                    "as v_turb, c_h, n_h).")
 
 
 class EstimateThePayneLabels(SourceTaskConfig):
-    """Teff, logg, [Fe/H], [α/M] and an RV offset of every apStar stack of a source with a trained
-    Payne emulator (other thepayne columns stay NULL: this emulator does not fit them)."""
+    """Teff, logg, [Fe/H], [α/M], v_turb, [C/H], [N/H] and an RV offset of every apStar stack of a
+    source with a trained Payne emulator (other thepayne columns stay NULL: the emulator does not
+    fit them)."""
 
     task_family: ClassVar[str] = "ThePayne.EstimateStellarLabelsGivenApStarFile"
 
@@ -249,7 +254,8 @@ class EstimateThePayneLabels(SourceTaskConfig):
 thepayne_model = model_asset("thepayne_model", "thepayne", TrainThePayne,
                              "A trained Payne emulator (one .npz under ASTRA_HOME).")
 thepayne = label_asset("thepayne", "thepayne", EstimateThePayneLabels, "thepayne_model",
-                       "One astra.thepayne row per source: teff, logg, fe_h, alpha_m, rv with u_, snr, r_chi_sq, "
+                       "One astra.thepayne row per source: teff, logg, fe_h, alpha_m, v_turb, c_h, n_h, rv with u_, "
+                       "snr, r_chi_sq, "
                        "bitmask_flag per apStar stack.")
 
 

@@ -2,7 +2,8 @@
 continuum-normalised APOGEE spectra, fitted to each spectrum by bounded non-linear least squares.
 
 **Emulator.** flux(ℓ) = b₃ + W₃·σ(W₁·σ(W₀·ℓ̃ + b₀) + b₁), σ = leaky ReLU (slope 0.01), ℓ̃ the
-labels (teff, logg, fe_h, alpha_m) min-max scaled to [-0.5, 0.5] over the training set. The
+labels (by default :data:`LABELS`: teff, logg, fe_h, alpha_m, vmicro, c_fe, n_fe) min-max scaled
+to [-0.5, 0.5] over the training set. The
 output is every pixel of the three detector chips of the apStar grid (7791 of 8575 pixels;
 the gaps carry no data). Training (Adam, hand-written backpropagation, float32, mini-batches):
 
@@ -47,12 +48,24 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from astra_dagster.methods import continuum
+from astra_dagster.methods import continuum, hydrogen
 from astra_dagster.methods.modelfile import read_arrays, write_arrays
-from astra_dagster.spectra.spectrum import APSTAR_CDELT1, APSTAR_NPIX, C_KMS, Spectrum
+from astra_dagster.spectra.spectrum import APSTAR_CDELT1, APSTAR_NPIX, C_KMS, Spectrum, apstar_wavelength
 
 FORMAT = "astra-thepayne/1"
-LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m")
+#: Labels an emulator can take. vmicro, [C/Fe] and [N/Fe] are fitted (as ASPCAP and the
+#: original Payne do) because leaving them out costs accuracy on the main labels: on the upper
+#: giant branch a star's own C and N (CN, CO bands) read as 0.2-0.4 dex of logg and [Fe/H].
+FIT_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m", "vmicro", "c_fe", "n_fe")
+#: Labels every model must have.
+REQUIRED_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
+#: The default label set.
+LABELS: tuple[str, ...] = FIT_LABELS
+#: astra.thepayne column of each label; [C/Fe] and [N/Fe] are stored as [C/H] and [N/H].
+COLUMNS: dict[str, str] = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m",
+                           "vmicro": "v_turb", "c_fe": "c_h", "n_fe": "n_h"}
+#: Labels relative to iron whose column is relative to hydrogen.
+_PER_FE = ("c_fe", "n_fe")
 LEAK = 0.01
 
 FLAGS: dict[str, int] = {
@@ -65,9 +78,10 @@ FLAGS: dict[str, int] = {
     "HIGH_CHI2": 1 << 6,          # reduced χ² above HIGH_CHI2: poor match (e.g. a star out of scope)
     "SINGULAR": 1 << 7,           # JᵀWJ not invertible: no uncertainties
     "AT_BOUND": 1 << 8,           # fe_h or alpha_m pinned at the edge of the training range: a limit
+    "HYDROGEN_LINES": 1 << 9,     # Brackett lines far deeper than the best model: a hot star (methods.hydrogen)
 }
 #: Flags that make the labels meaningless (they are returned as None).
-FATAL = FLAGS["NO_DATA"] | FLAGS["OUTSIDE_RANGE"] | FLAGS["NOT_CONVERGED"]
+FATAL = FLAGS["NO_DATA"] | FLAGS["OUTSIDE_RANGE"] | FLAGS["NOT_CONVERGED"] | FLAGS["HYDROGEN_LINES"]
 #: Labels whose pinning at a bound means the star is outside the emulator's domain (hot stars,
 #: giants above the training branch); the abundance labels of the training set span a narrower
 #: range than the data's scatter, so at their bounds the value is a limit, not a failure.
@@ -418,13 +432,16 @@ def train_on_arrays(flux: np.ndarray, labels: np.ndarray, *, label_names: Sequen
     return model
 
 
-def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwarf", "yso")
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwarf", "yso"),
+                  labels: Sequence[str] = LABELS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n_train`` noiseless normalised training spectra (flux on :func:`model_pixels`, labels
-    (n, 4), kind) of the survey population restricted to ``kinds``, from the generator's
-    ``TRAINING_SETTINGS`` (an independent draw from any release)."""
+    (n, len(labels)), kind) of the survey population restricted to ``kinds``, from the
+    generator's ``TRAINING_SETTINGS`` (an independent draw from any release). The generator's
+    hidden labels among ``labels`` scatter about their relations; the others stay on them."""
     from astra_dagster.spectra import synth  # the generator is only needed for training
 
+    label_names = check_labels(labels)
+    scatter = [n for n in label_names if n in synth.HIDDEN_LABELS]
     bad_kinds = [k for k in kinds if k not in ("giant", "dwarf", "yso", "hot")]
     if bad_kinds:
         raise PayneError(f"unknown stellar kinds {bad_kinds}")
@@ -432,7 +449,7 @@ def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwa
     if share <= 0:
         raise PayneError("no stellar kind selected for training")
     pix = model_pixels()
-    fluxes, labels, kind = [], [], []
+    fluxes, label_rows, kind = [], [], []
     n_have = 0
     # chunks keep the float64 work arrays small (a 20k set would need several GB at once);
     # each chunk is its own make_training_set draw with a seed derived from (seed, chunk)
@@ -441,25 +458,27 @@ def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwa
             break
         n_draw = int(np.ceil(min(n_train - n_have, TRAINING_CHUNK) / share * 1.05)) + 20
         sub_seed = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, chunk]).generate_state(1)[0]) if chunk else seed
-        ts = synth.make_training_set(n_draw, sub_seed, settings=synth.TRAINING_SETTINGS, population="survey")
+        ts = synth.make_training_set(n_draw, sub_seed, settings=synth.TRAINING_SETTINGS, population="survey",
+                                     scatter=scatter)
         keep = np.flatnonzero(np.isin(ts.kind, list(kinds)))[:n_train - n_have]
         flux, _ivar, cflags = continuum.normalize_arrays(ts.wavelength, ts.flux[keep], ts.ivar[keep],
                                                          return_flags=True)
         ok = cflags == 0
         fluxes.append(flux[ok][:, pix].astype(np.float32))
-        labels.append(ts.label_array(LABELS)[keep][ok])
+        label_rows.append(ts.label_array(label_names)[keep][ok])
         kind.append(ts.kind[keep][ok])
         n_have += int(ok.sum())
-    return np.vstack(fluxes), np.vstack(labels), np.concatenate(kind)
+    return np.vstack(fluxes), np.vstack(label_rows), np.concatenate(kind)
 
 
 def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAULT_TRAINING["seed"],
                 hidden: int = DEFAULT_TRAINING["hidden"], epochs: int = DEFAULT_TRAINING["epochs"],
                 batch_size: int = 128, learning_rate: float = 3e-3, n_components: int = 96,
                 validation_fraction: float = 0.1, kinds: str = "giant,dwarf,yso", n_calibration: int = 120,
-                log_every: int = 0) -> PayneModel:
+                labels: str = ",".join(LABELS), log_every: int = 0) -> PayneModel:
     """Generate ``n_train`` noiseless training spectra (:func:`training_data`; ``kinds`` a
-    comma-separated list) and train an emulator on them (:func:`train_on_arrays`). The default
+    comma-separated list) and train an emulator on them (:func:`train_on_arrays`) over ``labels``
+    (comma-separated, a subset of :data:`FIT_LABELS` with :data:`REQUIRED_LABELS`). The default
     trains in about 2 minutes on one core; see :data:`FULL_TRAINING` for the full size.
 
     ``n_calibration`` > 0: the systematic error floor per label (:func:`calibrate_floor`) from
@@ -468,9 +487,11 @@ def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAU
         raise PayneError(f"training set size must be >= 1, got n_train={n_train}")
     t0 = time.perf_counter()
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
-    flux, labels, _kind = training_data(n_train, seed, kind_list)
+    label_names = check_labels(n.strip() for n in labels.split(",") if n.strip())
+    flux, label_values, _kind = training_data(n_train, seed, kind_list, label_names)
     gen_seconds = time.perf_counter() - t0
-    model = train_on_arrays(flux, labels, hidden=hidden, epochs=epochs, batch_size=batch_size,
+    model = train_on_arrays(flux, label_values, label_names=label_names, hidden=hidden, epochs=epochs,
+                            batch_size=batch_size,
                             learning_rate=learning_rate, n_components=n_components,
                             validation_fraction=validation_fraction, seed=seed, log_every=log_every,
                             meta={"kinds": ",".join(kind_list)})
@@ -501,7 +522,7 @@ def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str
     est = np.full(truth.shape, np.nan)
     for i in range(keep.size):
         row = fit_normalized(model, flux[i], ivar[i], continuum_flags=int(cflags[i]))
-        est[i] = [np.nan if row[name] is None else row[name] for name in model.label_names]
+        est[i] = row_labels(model, row)
     ok = np.all(np.isfinite(est), axis=1)
     if ok.sum() < 10:
         model.label_floor = floor_before
@@ -577,11 +598,34 @@ def _snr(spectrum: Spectrum) -> float | None:
 
 def _empty_row(snr: float | None, flag: int) -> dict[str, Any]:
     row: dict[str, Any] = {"snr": snr}
-    for name in LABELS:
-        row[name] = None
-        row[f"u_{name}"] = None
+    for column in COLUMNS.values():
+        row[column] = None
+        row[f"u_{column}"] = None
     row.update({"rv": None, "u_rv": None, "r_chi_sq": None, "bitmask_flag": int(flag)})
     return row
+
+
+def check_labels(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple if they are a valid label set (known, no repeats, with
+    :data:`REQUIRED_LABELS`), else :class:`PayneError`."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in FIT_LABELS]
+    missing = [n for n in REQUIRED_LABELS if n not in names]
+    if unknown or missing or len(set(names)) != len(names):
+        raise PayneError(f"labels {list(names)}: unknown {unknown}, missing {missing} (known: {list(FIT_LABELS)}, "
+                         f"required: {list(REQUIRED_LABELS)}, no repeats)")
+    return names
+
+
+def row_labels(model: PayneModel, row: Mapping[str, Any]) -> list[float]:
+    """The model's labels (its own names and units: [C/Fe], not [C/H]) from an output row."""
+    out = []
+    for name in model.label_names:
+        value = row[COLUMNS[name]]
+        if value is not None and name in _PER_FE:
+            value = None if row["fe_h"] is None else value - row["fe_h"]
+        out.append(np.nan if value is None else float(value))
+    return out
 
 
 def _clean(value: float) -> float | None:
@@ -643,6 +687,9 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
         flag |= FLAGS["RV_AT_BOUND"]
     if r_chi_sq > HIGH_CHI2:
         flag |= FLAGS["HIGH_CHI2"]
+    if hydrogen.has_hot_star_lines(apstar_wavelength()[model.pixels], flux,
+                                   model.predict_scaled(p[None, :k])[0], weight):
+        flag |= FLAGS["HYDROGEN_LINES"]
     jac = prob.jacobian(p)
     try:
         cov = np.linalg.inv(jac.T @ jac)
@@ -658,9 +705,15 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
         return row
     labels = model.unscale(p[:k])
     span = model.x_max - model.x_min
+    cov_labels = cov[:k, :k] * np.outer(span, span) if np.all(np.isfinite(err)) else np.full((k, k), np.nan)
+    iron = model.label_names.index("fe_h")
     for i, name in enumerate(model.label_names):
-        row[name] = _clean(labels[i])
-        row[f"u_{name}"] = _clean(np.hypot(err[i] * span[i], model.label_floor[i]))
+        value, var = labels[i], cov_labels[i, i] + model.label_floor[i] ** 2
+        if name in _PER_FE:   # [X/H] = [X/Fe] + [Fe/H], with their covariance
+            value += labels[iron]
+            var += cov_labels[iron, iron] + 2.0 * cov_labels[i, iron] + model.label_floor[iron] ** 2
+        row[COLUMNS[name]] = _clean(value)
+        row[f"u_{COLUMNS[name]}"] = _clean(np.sqrt(var))
     row["rv"] = _clean(p[k] * KMS_PER_PIXEL)
     row["u_rv"] = _clean(err[k] * KMS_PER_PIXEL)
     return row
@@ -669,14 +722,14 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
 def fit_spectra(model: PayneModel, spectra: Sequence[Spectrum]) -> list[dict[str, Any]]:
     """Fit every rest-frame apStar-grid spectrum: continuum normalisation
     (:func:`continuum.normalize`), then the emulator fit. One dict per spectrum with the
-    ``astra.thepayne`` columns snr, teff, u_teff, logg, u_logg, fe_h, u_fe_h, alpha_m,
-    u_alpha_m, rv, u_rv, r_chi_sq, bitmask_flag (None where not measured; see :data:`FLAGS`).
+    ``astra.thepayne`` columns snr, teff, u_teff, logg, u_logg, fe_h, u_fe_h, alpha_m, u_alpha_m,
+    v_turb, u_v_turb, c_h, u_c_h, n_h, u_n_h (columns of labels the model lacks are None), rv, u_rv,
+    r_chi_sq, bitmask_flag (None where not measured; see :data:`FLAGS`).
     Raises :class:`PayneError` for a model of other labels or another continuum rule, and
     ValueError (naming the file) for a spectrum not on the rest-frame apStar grid."""
     if not isinstance(model, PayneModel):
         raise PayneError(f"fit_spectra needs a PayneModel, got {type(model).__name__}")
-    if model.label_names != LABELS:
-        raise PayneError(f"model labels {model.label_names} are not the thepayne columns {LABELS}")
+    check_labels(model.label_names)
     trained_with = model.meta.get("continuum_fingerprint")
     if trained_with is not None and trained_with != continuum.continuum_fingerprint():
         raise PayneError(f"model was trained on spectra normalised with continuum rule {trained_with}; "
