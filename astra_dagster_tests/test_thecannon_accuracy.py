@@ -10,9 +10,11 @@ import time
 import numpy as np
 import pytest
 
+from astra_dagster.methods import hydrogen
 from astra_dagster.methods.metrics import accuracy_bins
-from astra_dagster.methods.thecannon import FLAGS, SURVEY_REGIONS, CannonModel
-from astra_dagster_tests.thecannon_synth import LABELS, release_like_set, training_set
+from astra_dagster.methods.thecannon import FLAGS, SURVEY_REGIONS, CannonModel, fit_spectra
+from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
+from astra_dagster_tests.thecannon_synth import LABELS, physical_spectra, release_like_set, training_set
 
 TARGETS = {"teff": 60.0, "logg": 0.12, "fe_h": 0.08}
 
@@ -70,3 +72,23 @@ def _timed(model: CannonModel, flux: np.ndarray, ivar: np.ndarray) -> float:
     t0 = time.perf_counter()
     model.test(flux, ivar)
     return time.perf_counter() - t0
+
+
+def test_hot_stars_fail_the_hydrogen_screen(fitted: dict) -> None:
+    """The Brackett lines of every hot star are far deeper than the best cool-star model's, and of
+    no giant or dwarf: fit_spectra flags HYDROGEN_LINES and writes no labels for them."""
+    model, data, res = fitted["model"], fitted["data"], fitted["result"]
+    wave = apstar_wavelength()
+    caught = np.array([hydrogen.has_hot_star_lines(wave, data.flux[i], model.predict(res.labels[i]), data.ivar[i])
+                       for i in range(data.snr.size)])
+    assert caught[data.kind == "hot"].all()
+    assert not caught[np.isin(data.kind, ("giant", "dwarf"))].any()
+
+    flux, ivar, flags, _labels, kind, snr = physical_spectra(4, seed=505, snr=80.0, kinds=("hot", "giant"))
+    spectra = [Spectrum(wave, flux[i], ivar[i], flags[i], {"frame": "rest", "kind": "stack", "snr": float(snr[i])})
+               for i in range(kind.size)]
+    rows = fit_spectra(model, spectra)
+    for k, row in zip(kind, rows, strict=True):
+        assert bool(row["bitmask_flag"] & FLAGS["HYDROGEN_LINES"]) == (k == "hot"), (k, row)
+        assert (row["teff"] is None) == (k == "hot") and (row["u_logg"] is None) == (k == "hot")
+        assert row["r_chi_sq"] is not None

@@ -59,7 +59,9 @@ of the fit); ``MOSTLY_MASKED`` fewer than half of the modelled pixels usable (st
 ``NO_DATA`` fewer than :data:`MIN_PIXELS` usable pixels (labels NaN, not fitted);
 ``NOT_CONVERGED`` the iteration limit was reached; ``HIGH_CHI2`` reduced χ² above
 :data:`HIGH_CHI2`; ``SINGULAR`` the covariance could not be computed; ``OUTSIDE_REGION`` the
-labels are outside the core of the piece that fitted them.
+labels are outside the core of the piece that fitted them; ``HYDROGEN_LINES`` (set by
+:func:`fit_spectra`) Brackett lines far deeper than the best model's: a hot star the model cannot
+describe (:mod:`astra_dagster.methods.hydrogen`), labels None.
 
 Models are written to / read from one ``.npz`` file (:meth:`CannonModel.write`, :meth:`CannonModel.read`).
 """
@@ -90,7 +92,10 @@ FLAGS: dict[str, int] = {
     "HIGH_CHI2": 1 << 5,
     "SINGULAR": 1 << 6,
     "OUTSIDE_REGION": 1 << 7,
+    "HYDROGEN_LINES": 1 << 8,
 }
+#: Flags whose labels are not a measurement (written as None).
+FATAL = FLAGS["NO_DATA"] | FLAGS["HYDROGEN_LINES"]
 #: A spectrum needs at least this many usable modelled pixels to be fitted.
 MIN_PIXELS = 100
 #: Reduced χ² above which HIGH_CHI2 is set.
@@ -1143,7 +1148,7 @@ def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, An
     """Labels for rest-frame apStar spectra (:class:`~astra_dagster.spectra.spectrum.Spectrum`):
     one dict per spectrum with the ``astra.thecannon`` columns. Spectra the test step cannot fit
     (NO_DATA, e.g. all chips masked) get None labels and their flag bits."""
-    from astra_dagster.methods import continuum
+    from astra_dagster.methods import continuum, hydrogen
 
     if not spectra:
         return []
@@ -1152,13 +1157,22 @@ def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, An
     ivar = np.vstack([s.ivar for s in normalised])
     result = model.test(flux, ivar)
     u = result.uncertainties
+    fitted = np.all(np.isfinite(result.labels), axis=1)
+    best = np.ones_like(flux)
+    if fitted.any():
+        best[fitted] = model.predict(result.labels[fitted])
+    wavelength = normalised[0].wavelength
     rows = []
     for i, s in enumerate(spectra):
+        flags = int(result.flags[i])
+        if fitted[i] and hydrogen.has_hot_star_lines(wavelength, flux[i], best[i], ivar[i]):
+            flags |= FLAGS["HYDROGEN_LINES"]
+        measured = not flags & FATAL
         row: dict[str, Any] = {"snr": _value(float(s.meta.get("snr") or np.nan))}
         for k, name in enumerate(model.label_names):
-            row[name] = _value(result.labels[i, k])
-            row[f"u_{name}"] = _value(u[i, k])
+            row[name] = _value(result.labels[i, k]) if measured else None
+            row[f"u_{name}"] = _value(u[i, k]) if measured else None
         row["r_chi_sq"] = _value(result.r_chi_sq[i])
-        row["bitmask_flag"] = int(result.flags[i])
+        row["bitmask_flag"] = flags
         rows.append(row)
     return rows
