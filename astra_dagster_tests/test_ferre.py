@@ -224,6 +224,15 @@ def test_star_beyond_the_grid_is_flagged_at_edge(grid: ferre.FerreGrid) -> None:
     assert row["bitmask_flag"] & ferre.FLAGS["AT_GRID_EDGE"] and row["teff"] == pytest.approx(6000.0, abs=10)
 
 
+def test_hot_stars_fail_the_hydrogen_screen(grid: ferre.FerreGrid) -> None:
+    """8000-20000 K stars end at the grid's warm edge, but their Brackett lines are far deeper
+    than any grid model's: HYDROGEN_LINES and no labels, not an edge value."""
+    flux, ivar, flags, _labels, _, snr = physical_spectra(2, 92, 100.0, kinds=("hot",))
+    for row in ferre.fit_spectra(grid, spectra_from(flux, ivar, flags, snr)):
+        assert row["bitmask_flag"] & ferre.FLAGS["HYDROGEN_LINES"], row["bitmask_flag"]
+        assert labels_none(row) and row["log_chisq_fit"] is not None
+
+
 def labels_none(row: dict) -> bool:
     return all(row[d] is None and row[f"u_{d}"] is None for d in ferre.DIMENSIONS)
 

@@ -45,7 +45,9 @@ than a line-free continuum by :data:`FLAT_DELTA_CHI2` — labels None;
 ``TOO_FEW_PIXELS`` fewer than :data:`MIN_PIXELS` usable pixels — labels None;
 ``NOT_CONVERGED`` Nelder–Mead hit its iteration limit; ``HIGH_CHI2`` reduced χ² above
 :data:`HIGH_CHI2`; ``CHIP_FAILED`` the continuum normalisation dropped a chip; ``BAD_CURVATURE``
-the χ² Hessian is not positive definite (uncertainties None).
+the χ² Hessian is not positive definite (uncertainties None); ``HYDROGEN_LINES`` the Brackett
+lines are far deeper than the best grid model's (a hot star beyond the grid's warm edge,
+:mod:`astra_dagster.methods.hydrogen`) — labels None.
 
 **Measured** (default grid, one core; ``bench/ferre_accuracy.py``): build ~50-70 s + ~15 s of
 held-out fits, 127 MB file; 0.13 s CPU per spectrum. On 196 release-like giants and dwarfs at
@@ -71,7 +73,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from astra_dagster.methods import continuum
+from astra_dagster.methods import continuum, hydrogen
 from astra_dagster.methods.modelfile import read_arrays, write_arrays
 from astra_dagster.spectra import synth
 from astra_dagster.spectra.spectrum import APSTAR_NPIX, Spectrum, apstar_wavelength
@@ -94,6 +96,7 @@ FLAGS: dict[str, int] = {
     "HIGH_CHI2": 1 << 5,
     "CHIP_FAILED": 1 << 6,
     "BAD_CURVATURE": 1 << 7,
+    "HYDROGEN_LINES": 1 << 8,
 }
 
 #: Fixed-point unit of the stored line depths.
@@ -537,8 +540,8 @@ def _prepare(grid: FerreGrid, flux: np.ndarray, ivar: np.ndarray) -> _Prepared:
     return _Prepared(y, w, wy, float(np.sum(wy * y)), np.array(active, dtype=np.int64), int(ok.sum()))
 
 
-def _chi2(grid: FerreGrid, p: _Prepared, model: np.ndarray) -> float:
-    """χ² of ``model`` with the per-chip polynomial continuum solved linearly (profile χ²)."""
+def _continuum_coefficients(grid: FerreGrid, p: _Prepared, model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coef, b): per active chip the polynomial continuum that best scales ``model`` to the data."""
     _, outer, basis = _chip_layout(grid)
     k = CONTINUUM_DEGREE + 1
     wm = p.w * model
@@ -548,7 +551,23 @@ def _chi2(grid: FerreGrid, p: _Prepared, model: np.ndarray) -> float:
         coef = np.linalg.solve(A, b[..., None])[..., 0]
     except np.linalg.LinAlgError:
         coef = np.array([np.linalg.lstsq(a, v, rcond=None)[0] for a, v in zip(A, b, strict=True)])
+    return coef, b
+
+
+def _chi2(grid: FerreGrid, p: _Prepared, model: np.ndarray) -> float:
+    """χ² of ``model`` with the per-chip polynomial continuum solved linearly (profile χ²)."""
+    coef, b = _continuum_coefficients(grid, p, model)
     return max(p.yy - float(np.sum(coef * b)), 0.0)
+
+
+def _scaled_model(grid: FerreGrid, p: _Prepared, model: np.ndarray) -> np.ndarray:
+    """``model`` times its best per-chip continuum (what the χ² compares with the data)."""
+    _, _, basis = _chip_layout(grid)
+    k = CONTINUUM_DEGREE + 1
+    coef, _ = _continuum_coefficients(grid, p, model)
+    full = np.zeros((len(continuum.CHIPS), k))
+    full[p.chips] = coef
+    return model * (basis @ full.ravel())
 
 
 def _coarse_scan(grid: FerreGrid, p: _Prepared) -> np.ndarray:
@@ -775,6 +794,11 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
     chi2_flat = _chi2(grid, p, np.ones(grid.n_pixels))
     if chi2_flat - chi2_best < FLAT_DELTA_CHI2:
         row["bitmask_flag"] = flags | FLAGS["FLAT_CHI2"]
+        return row
+    # a hot star fitted at the grid's warm edge: its Brackett lines give it away (labels None)
+    best_model = _scaled_model(grid, p, 1.0 - grid.interpolate_depth(x_best).astype(float))
+    if hydrogen.has_hot_star_lines(apstar_wavelength()[grid.pixels], p.y, best_model, p.w):
+        row["bitmask_flag"] = flags | FLAGS["HYDROGEN_LINES"]
         return row
     low_ok = np.array([n == "lgvsini" for n in names])[free]   # v sin i below 1 km/s is unresolved, not off-grid
     edge = ((x_best[free] < EDGE_TOLERANCE) & ~low_ok) | (x_best[free] > shape[free] - 1.0 - EDGE_TOLERANCE)
