@@ -764,23 +764,45 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
     for k, n in enumerate(names):
         row[f"initial_{n}"] = grid.axis(n).to_value(start_labels[k])
 
-    bounds = [(0.0, float(s - 1)) for s in shape[free]]
     options = {"xatol": 2e-3, "fatol": 1e-3, "maxfev": 1500, "adaptive": False}
 
-    def run(x0: np.ndarray, step: float) -> Any:
+    def run(mask: np.ndarray, x_start: np.ndarray, step: float) -> Any:
+        """Nelder–Mead over the dimensions in ``mask``, the others held at ``x_start``."""
+        bounds = [(0.0, float(s - 1)) for s in shape[mask]]
+        x0 = x_start[mask]
         simplex = [x0]
         for j in range(x0.size):
             v = x0.copy()
             v[j] = v[j] + step if v[j] + step <= bounds[j][1] else v[j] - step
             simplex.append(v)
-        return minimize(objective, x0, method="Nelder-Mead", bounds=bounds,
+
+        def f(xm: np.ndarray) -> float:
+            x = x_start.copy()
+            x[mask] = xm
+            return _chi2(grid, p, 1.0 - grid.interpolate_depth(x).astype(float))
+
+        return minimize(f, x0, method="Nelder-Mead", bounds=bounds,
                         options={**options, "initial_simplex": np.array(simplex)})
 
-    results = [run(s[free], 0.5) for s in starts]
-    best = min(results, key=lambda r: r.fun)
-    polish = run(best.x, 0.15)
-    if polish.fun <= best.fun:
-        best = polish
+    optional = free & np.array([n in OPTIONAL_DIMENSIONS for n in names])
+    if optional.any() and (free & ~optional).any():
+        # Restarts over the main dimensions with the optional ones (v sin i, C, N, ...) held at
+        # their start node: on a node an interpolation reads 2^4 grid rows instead of 2^D.
+        # Then one search over all free dimensions from the best (a 6-D grid: 3x faster).
+        main = free & ~optional
+        staged = []
+        for s in starts:
+            r = run(main, s, 0.5)
+            x = s.copy()
+            x[main] = r.x
+            staged.append((r.fun, x))
+        best = run(free, min(staged, key=lambda fx: fx[0])[1], 0.3)
+    else:
+        results = [run(free, s, 0.5) for s in starts]
+        best = min(results, key=lambda r: r.fun)
+        polish = run(free, full(best.x), 0.15)
+        if polish.fun <= best.fun:
+            best = polish
     if not best.success and best.nfev >= options["maxfev"]:
         flags |= FLAGS["NOT_CONVERGED"]
     x_best = full(np.clip(best.x, 0.0, shape[free] - 1.0))
