@@ -287,14 +287,16 @@ class BuildFerreGrid(AstraConfig):
     log10vdop_step: float = Field(default=0.0, description="0: microturbulence on the generator's relation.")
     lgvsini_min: float = 0.0
     lgvsini_max: float = 0.0
-    lgvsini_step: float = Field(default=0.0, description="0: v sin i on the generator's relation (the full grid "
+    lgvsini_step: float = Field(default=0.0, description="0: v sin i on the generator's relation (ferre.ROTATION_GRID "
                                 "fits log10 v sin i 0..1.5 in steps of 0.5).")
     c_min: float = 0.0
     c_max: float = 0.0
-    c_step: float = Field(default=0.0, description="0: [C/M] on the generator's relation.")
+    c_step: float = Field(default=0.0, description="0: [C/M] on the generator's relation (the full-size grid, "
+                          "ferre.FULL_GRID: -0.45..0.15 in steps of 0.3).")
     n_min: float = 0.0
     n_max: float = 0.0
-    n_step: float = Field(default=0.0, description="0: [N/M] on the generator's relation.")
+    n_step: float = Field(default=0.0, description="0: [N/M] on the generator's relation (ferre.FULL_GRID: "
+                          "-0.2..0.8 in steps of 0.5).")
 
 
 #: FERRE's dimensions under the seed's names.
