@@ -73,7 +73,7 @@ def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, d
     truth: dict[str, list] = {k: [] for k in names}
     est: dict[str, list] = {k: [] for k in names}
     unc: dict[str, list] = {k: [] for k in names}
-    snr, kinds, flags = [], [], []
+    snr, kinds, flags, ids = [], [], [], []
     for row, i, visit in _doppler_visits(rows, visits):
         star = stars[row["source_id"]]
         for name in names:
@@ -86,7 +86,8 @@ def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, d
         snr.append(visit["snr"])
         kinds.append(star.get("kind", "?"))
         flags.append((row.get("bitmask_flag") or [None] * (i + 1))[i])
-    return truth, est, unc, snr, kinds, flags
+        ids.append(row["source_id"])
+    return truth, est, unc, snr, kinds, flags, ids
 
 
 def add_information_limit(bins: list[dict], label: str, limit: list[float], snr: list[float]) -> None:
@@ -254,14 +255,7 @@ def main() -> None:
         visits = {(v["source_id"], v["mjd"]): v for v in visit_list}
         truth, est, unc, snr, kinds, flags, ids = method.compare(rows, stars, visits)
 
-        def subset(pick: list[int], bins: Any = SNR_BINS) -> list[dict]:
-            return accuracy_bins({k: [v[i] for i in pick] for k, v in truth.items()},
-                                 {k: [v[i] for i in pick] for k, v in est.items()},
-                                 {k: [v[i] for i in pick] for k, v in unc.items()}, [snr[i] for i in pick],
-                                 bins=bins)
-
-        everyone = list(range(len(snr)))
-        bins = subset(everyone)
+        crb: list[float] | None = None
         if method.asset == "doppler":
             # The Cramér–Rao bound of each visit (from the generator's noiseless spectrum) says how
             # much of a shortfall is the method's and how much is the spectrum's.
@@ -269,20 +263,24 @@ def main() -> None:
             limits = visit_rv_information_limits(args.seed, args.sources)
             crb = [limits.get(key, float("nan")) for key in visit_keys(rows, visits)]
             print(f"information limits of {len(limits)} visits in {time.perf_counter() - t0:.1f} s", flush=True)
-            add_information_limit(bins, "vrel", crb, snr)
-        by_kind = {kind: subset([i for i in everyone if kinds[i] == kind]) for kind in sorted(set(kinds))}
+
+        def subset(pick: list[int], bins: Any = SNR_BINS) -> list[dict]:
+            out = accuracy_bins({k: [v[i] for i in pick] for k, v in truth.items()},
+                                {k: [v[i] for i in pick] for k, v in est.items()},
+                                {k: [v[i] for i in pick] for k, v in unc.items()}, [snr[i] for i in pick], bins=bins)
+            if crb is not None:
+                add_information_limit(out, "vrel", [crb[i] for i in pick], [snr[i] for i in pick])
+            return out
+
+        everyone = list(range(len(snr)))
+        bins = subset(everyone)
         # The issues state targets "at S/N >= 50" (or 20, 100): one pooled bin each.
         pooled = subset(everyone, TARGET_BINS)
-        if method.asset == "doppler":
-            add_information_limit(pooled, "vrel", crb, snr)
-        report_sets: dict[str, list[dict]] = {"all": bins, "all, pooled": pooled}
-        for kind, kind_bins in by_kind.items():
-            if method.asset == "doppler":
-                add_information_limit(kind_bins, "vrel", [crb[i] for i in everyone if kinds[i] == kind],
-                                      [snr[i] for i in everyone if kinds[i] == kind])
-            report_sets[f"kind={kind}"] = kind_bins
-        unflagged = [i for i in everyone if flags[i] is not None and not (flags[i] & ~method.informational)]
-        if method.asset != "doppler" or unflagged:
+        by_kind = {kind: subset([i for i in everyone if kinds[i] == kind]) for kind in sorted(set(kinds))}
+        report_sets: dict[str, list[dict]] = {"all": bins, "all, pooled": pooled,
+                                              **{f"kind={kind}": kb for kind, kb in by_kind.items()}}
+        if any(f is not None for f in flags):
+            unflagged = [i for i in everyone if flags[i] is not None and not (flags[i] & ~method.informational)]
             report_sets["unflagged"] = subset(unflagged)
             report_sets["unflagged, pooled"] = subset(unflagged, TARGET_BINS)
             for name, reference in (("unflagged", bins), ("unflagged, pooled", pooled)):
