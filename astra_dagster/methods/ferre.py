@@ -740,8 +740,12 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
         x[free] = xf
         return x
 
+    def chi2_at(x: np.ndarray) -> float:
+        """Profile χ² of the grid model at fractional indices ``x`` (all dimensions)."""
+        return _chi2(grid, p, 1.0 - grid.interpolate_depth(x).astype(float))
+
     def objective(xf: np.ndarray) -> float:
-        return _chi2(grid, p, 1.0 - grid.interpolate_depth(full(xf)).astype(float))
+        return chi2_at(full(xf))
 
     # starting points: given initial guess (clipped), then the best separated nodes of the scan
     starts: list[np.ndarray] = []
@@ -786,7 +790,7 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
         def f(xm: np.ndarray) -> float:
             x = x_start.copy()
             x[mask] = xm
-            return _chi2(grid, p, 1.0 - grid.interpolate_depth(x).astype(float))
+            return chi2_at(x)
 
         return minimize(f, x0, method="Nelder-Mead", bounds=bounds,
                         options={**options, "initial_simplex": np.array(simplex)})

@@ -587,9 +587,9 @@ class _Problem:
 
 
 def _snr(spectrum: Spectrum) -> float | None:
-    value = spectrum.meta.get("snr")
-    if value is not None and np.isfinite(float(value)):
-        return float(value)
+    value = spectrum.snr
+    if value is not None and np.isfinite(value):
+        return value
     good = np.isfinite(spectrum.flux) & np.isfinite(spectrum.ivar) & (spectrum.ivar > 0)
     if not good.any():
         return None
