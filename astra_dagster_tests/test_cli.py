@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from astra_dagster.build import build
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.examples import RandomNumberGeneratorTask
+from astra_dagster.orchestration.build import build
 from astra_dagster_tests.test_schema import psql_binary
 
 
@@ -65,9 +65,9 @@ def test_task_show_and_rerun(clean_db: str) -> None:
 def test_rerun_of_a_child_task_runs_only_its_source(clean_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import dagster as dg
 
-    from astra_dagster.instance import get_instance
     from astra_dagster.lineage.io_manager import AstraIOManager
     from astra_dagster.lineage.sources import blocks_for, register_sources
+    from astra_dagster.orchestration.instance import get_instance
     from astra_dagster_tests import lineage_assets
 
     monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "3")
@@ -87,7 +87,7 @@ def test_rerun_of_a_child_task_runs_only_its_source(clean_db: str, monkeypatch: 
     # The test assets are not in the code location, so call the re-run function in-process.
     from astra_dagster.lineage import rerun as rerun_module
 
-    monkeypatch.setattr("astra_dagster.build.load_definitions", lambda: lineage_assets.defs)
+    monkeypatch.setattr("astra_dagster.orchestration.build.load_definitions", lambda: lineage_assets.defs)
     report = rerun_module.rerun_task(child[0], force=True, instance=instance)
     assert report.success and report.recomputed and "SRC-5" in report.scope
     with connect() as conn:

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from astra_dagster.db.connection import connect
-from astra_dagster.instance import write_dagster_yaml
+from astra_dagster.orchestration.instance import write_dagster_yaml
 
 SCRIPT = """
 import sys, time
-from astra_dagster.build import build
+from astra_dagster.orchestration.build import build
 from astra_dagster.defs.examples import RandomNumberGeneratorTask
 start = float(sys.argv[1])
 time.sleep(max(0.0, start - time.time()))

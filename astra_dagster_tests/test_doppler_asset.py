@@ -9,11 +9,11 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from astra_dagster.build import materialize_assets
 from astra_dagster.db.connection import connect
 from astra_dagster.definitions import defs
-from astra_dagster.pipeline import run_planned
-from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+from astra_dagster.orchestration.build import materialize_assets
+from astra_dagster.orchestration.planned_runs import run_planned
+from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
 from astra_dagster.spectra.release import generate_release, read_truth
 
 # A smaller template training than the default keeps the test quick; accuracy is the bench's job.

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from astra_dagster.db.connection import _ensure_database, _with_database, connect, database_url
-from astra_dagster.instance import write_dagster_yaml
+from astra_dagster.orchestration.instance import write_dagster_yaml
 from astra_dagster.settings import get_settings
 from astra_dagster_tests.dagster_processes import dagster_services
 from astra_dagster_tests.test_spectra_asset import GOOD, build_release

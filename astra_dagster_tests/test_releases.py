@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from astra_dagster.db.connection import connect
-from astra_dagster.releases import complete_releases, latest_files, register_release
+from astra_dagster.releases.register import complete_releases, latest_files, register_release
 from astra_dagster.spectra.manifest import (
     ManifestError,
     ReleaseSource,

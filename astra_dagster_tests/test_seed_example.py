@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from astra_dagster.build import build
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.examples import RandomNumberGeneratorTask
-from astra_dagster.instance import write_dagster_yaml
+from astra_dagster.orchestration.build import build
+from astra_dagster.orchestration.instance import write_dagster_yaml
 
 SEED_IDS = ["36a542f0", "ced8556d", "41bbabea", "5abe446d"]
 
@@ -79,7 +79,7 @@ def test_dagster_cli_materialize_with_config_json(clean_db: str) -> None:
         rows = conn.execute("select task_id, status_code, run_id from astra.task").fetchall()
     assert [(r[0], r[1]) for r in rows] == [(expected, 1)]
     # The run is in the persistent instance (dagster-postgres through our pooled storage).
-    from astra_dagster.instance import get_instance
+    from astra_dagster.orchestration.instance import get_instance
 
     instance = get_instance()
     assert instance.get_run_by_id(rows[0][2]) is not None

@@ -14,8 +14,8 @@ from astra_dagster.db.connection import connect
 from astra_dagster.definitions import defs
 from astra_dagster.defs.sensors import release_sensor
 from astra_dagster.defs.spectra import spectra
-from astra_dagster.pipeline import run_planned
-from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+from astra_dagster.orchestration.planned_runs import run_planned
+from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
 from astra_dagster.spectra.manifest import ReleaseSource, file_entry, write_manifest
 from astra_dagster_tests import fixtures_bad_fits as fx
 

@@ -199,13 +199,13 @@ def main() -> None:
     os.environ.pop("ASTRA_DATABASE_URL", None)
     import dagster as dg
 
-    from astra_dagster.build import load_definitions
     from astra_dagster.db.connection import close_pools, connect
     from astra_dagster.db.embedded import stop_server
-    from astra_dagster.instance import get_instance, write_dagster_yaml
     from astra_dagster.methods.metrics import SNR_BINS, accuracy_bins
-    from astra_dagster.pipeline import ensure_models, run_planned
-    from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+    from astra_dagster.orchestration.build import load_definitions
+    from astra_dagster.orchestration.instance import get_instance, write_dagster_yaml
+    from astra_dagster.orchestration.planned_runs import ensure_models, run_planned
+    from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
     from astra_dagster.spectra.release import generate_release, read_truth, visit_rv_information_limits
 
     try:
@@ -221,8 +221,8 @@ def main() -> None:
         assets = [dg.AssetKey("spectra"), dg.AssetKey(method.asset)]
         t0 = time.perf_counter()
         if args.model_config is not None:
-            from astra_dagster.build import materialize_assets
             from astra_dagster.defs.sensors import RELEASE_ASSETS
+            from astra_dagster.orchestration.build import materialize_assets
 
             (model_key,) = RELEASE_ASSETS[dg.AssetKey(method.asset)]
             name = model_key.to_user_string()

@@ -34,12 +34,12 @@ def main() -> None:
     os.environ.pop("ASTRA_DATABASE_URL", None)
     import dagster as dg
 
-    from astra_dagster.build import load_definitions
     from astra_dagster.db.connection import close_pools, connect
     from astra_dagster.db.embedded import stop_server
-    from astra_dagster.instance import get_instance, write_dagster_yaml
-    from astra_dagster.pipeline import run_planned
-    from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+    from astra_dagster.orchestration.build import load_definitions
+    from astra_dagster.orchestration.instance import get_instance, write_dagster_yaml
+    from astra_dagster.orchestration.planned_runs import run_planned
+    from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
     from astra_dagster.spectra.release import generate_release, read_truth
 
     try:

@@ -5,7 +5,7 @@ import dagster as dg
 from astra_dagster.defs.labels import LABEL_ASSETS
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
 from astra_dagster.defs.spectra import spectra
-from astra_dagster.release_plan import plan_new_releases, sensor_result
+from astra_dagster.releases.plan import plan_new_releases, sensor_result
 from astra_dagster.settings import get_settings
 
 #: Per-source assets a new release runs (one range run per chunk of blocks), in order, with the

@@ -12,7 +12,7 @@ from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_ROWS_KEY, RESULT_TABLE_KEY
 from astra_dagster.lineage.sources import sources_in_blocks
-from astra_dagster.releases import SourceFiles, latest_files
+from astra_dagster.releases.register import SourceFiles, latest_files
 from astra_dagster.spectra.registration import spectrum_rows
 
 

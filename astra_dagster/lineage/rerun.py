@@ -39,8 +39,8 @@ class RerunReport:
 
 
 def rerun_task(ref: str, *, force: bool = False, instance: dg.DagsterInstance | None = None) -> RerunReport:
-    from astra_dagster.build import asset_for_family, load_definitions, materialize_task
-    from astra_dagster.instance import get_instance
+    from astra_dagster.orchestration.build import asset_for_family, load_definitions, materialize_task
+    from astra_dagster.orchestration.instance import get_instance
 
     with connect() as conn:
         record = find_task(conn, ref)

@@ -81,7 +81,7 @@ def materialize_task(
     log_level: str | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Materialise the asset of ``config``'s family with these parameters, in this process."""
-    from astra_dagster.instance import get_instance
+    from astra_dagster.orchestration.instance import get_instance
 
     defs = defs or load_definitions()
     target = asset_for_family(defs, config.task_family)
@@ -102,7 +102,7 @@ def build(
 
     ``log_level`` (e.g. "WARNING") quiets Dagster's console log of each run.
     """
-    from astra_dagster.instance import get_instance
+    from astra_dagster.orchestration.instance import get_instance
 
     instance = instance or get_instance()
     defs = load_definitions()

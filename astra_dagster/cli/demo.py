@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from astra_dagster.build import build
 from astra_dagster.db.connection import connect
+from astra_dagster.orchestration.build import build
 
 Echo = Callable[[str], Any]
 
@@ -85,11 +85,11 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
 
 def release_example(echo: Echo) -> None:
     """Generate a small synthetic release, let the release-sensor code path pick it up, run it."""
-    from astra_dagster.build import load_definitions
     from astra_dagster.defs.sensors import release_assets
-    from astra_dagster.instance import get_instance
-    from astra_dagster.pipeline import ensure_models, run_planned
-    from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, PlannedRun, plan_new_releases
+    from astra_dagster.orchestration.build import load_definitions
+    from astra_dagster.orchestration.instance import get_instance
+    from astra_dagster.orchestration.planned_runs import ensure_models, run_planned
+    from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, PlannedRun, plan_new_releases
     from astra_dagster.settings import get_settings
     from astra_dagster.spectra.manifest import MANIFEST_NAME
     from astra_dagster.spectra.release import generate_release

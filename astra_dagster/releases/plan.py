@@ -16,7 +16,7 @@ import dagster as dg
 from astra_dagster.db.connection import connect
 from astra_dagster.db.schema import ensure_schema
 from astra_dagster.lineage.sources import block_bounds, blocks_for
-from astra_dagster.releases import Registration, complete_releases, register_release
+from astra_dagster.releases.register import Registration, complete_releases, register_release
 from astra_dagster.spectra.manifest import manifest_sha256
 
 SOURCE_BLOCKS_NAME = "source_blocks"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from astra_dagster.build import materialize_assets
-from astra_dagster.release_plan import PlannedRun
+from astra_dagster.orchestration.build import materialize_assets
+from astra_dagster.releases.plan import PlannedRun
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def initialise(echo: bool = True) -> None:
     """Database, schema, Dagster's dagster.yaml and Dagster's own tables."""
     from astra_dagster.db.connection import database_url, mask_password
     from astra_dagster.db.schema import ensure_schema, schema_version
-    from astra_dagster.instance import get_instance, write_dagster_yaml
+    from astra_dagster.orchestration.instance import get_instance, write_dagster_yaml
 
     settings = get_settings()
     url = database_url(settings)
@@ -227,11 +227,11 @@ def release_generate(directory: Path, name: str, sources: int, seed: int) -> Non
 @one_line_errors
 def release_register(directory: Path, run: bool) -> None:
     """Register one release folder (as the release sensor would) and add its partitions."""
-    from astra_dagster.build import load_definitions
     from astra_dagster.defs.sensors import release_assets
-    from astra_dagster.instance import get_instance
-    from astra_dagster.pipeline import ensure_models, run_planned
-    from astra_dagster.release_plan import SOURCE_BLOCKS_NAME, plan_new_releases
+    from astra_dagster.orchestration.build import load_definitions
+    from astra_dagster.orchestration.instance import get_instance
+    from astra_dagster.orchestration.planned_runs import ensure_models, run_planned
+    from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
     from astra_dagster.spectra.manifest import MANIFEST_NAME
 
     if not (directory / MANIFEST_NAME).is_file():
@@ -329,7 +329,7 @@ def backfill(assets: str, first: str | None, last: str | None, partitions: str |
     """Launch policy-aware asset backfills through the webserver (like the UI's Materialize)."""
     from tqdm import tqdm
 
-    from astra_dagster import backfill as bf
+    from astra_dagster.orchestration import backfill as bf
 
     selected = [a.strip() for a in assets.split(",") if a.strip()]
     run_config = json.loads(config_json) if config_json else None
@@ -364,7 +364,7 @@ def backfill(assets: str, first: str | None, last: str | None, partitions: str |
 @one_line_errors
 def demo() -> None:
     """Run the main job end to end on the embedded database and print what it did."""
-    from astra_dagster.demo import run_demo
+    from astra_dagster.cli.demo import run_demo
 
     initialise()
     run_demo(click.echo)
@@ -378,7 +378,7 @@ def ui(port: int, host: str) -> None:
     """Start Dagster's web UI and daemon (``dagster dev``) on the Astra instance."""
     initialise(echo=False)
     settings = get_settings()
-    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    workspace = Path(__file__).resolve().parents[2] / "workspace.yaml"
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or shutil.which("dagster")
     if dagster is None:
         raise AstraCliError("the dagster command is not installed in this environment")
