@@ -19,47 +19,14 @@ import pytest
 
 from astra_dagster.methods import apogeenet as an
 from astra_dagster.methods.metrics import accuracy_bins
-from astra_dagster.spectra import synth
 from astra_dagster.spectra.bitmask import flag
-from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
+from astra_dagster.spectra.labelled_sets import raw_release_like
+from astra_dagster.spectra.spectrum import Spectrum
 
-_TEST_STREAM = 0x616E7473  # "ants": never shared with releases or training sets
 POPULATIONS = {"giants": "giant", "dwarfs": "dwarf", "hot": "hot", "yso": "yso"}
 #: CI-size training (the module fixture); the accuracy it reaches is asserted below.
 CI_TRAINING = {"n_train": 2400, "epochs": 20}
 SQL = Path(__file__).resolve().parents[1] / "sql" / "astradb.sql"
-
-
-def raw_release_like(n: int, seed: int, snr: float | np.ndarray, population: str
-                     ) -> tuple[list[Spectrum], dict[str, np.ndarray], np.ndarray]:
-    """``n`` release-like apStar rows of one generator population in raw flux units:
-    (spectra, true labels, S/N)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _TEST_STREAM, len(population)]))
-    labels, _ = synth.draw_labels_with_kind(n, rng, population)
-    wave = apstar_wavelength()
-    on_chip = synth.chip_mask(wave)
-    snr = np.broadcast_to(np.asarray(snr, dtype=float), (n,)).copy()
-    bad_bits = flag("BADPIX", "CRPIX")
-    spectra = []
-    for i in range(n):
-        lab = {k: float(labels[k][i]) for k in synth.ALL_LABELS}
-        norm = synth.synthesize(lab, wave, synth.RELEASE_SETTINGS, fiber=int(rng.integers(1, 301)))
-        a_h = rng.exponential(0.15)
-        cont = synth.continuum(lab, wave) * 10.0 ** (-0.4 * a_h * (wave / 16500.0) ** -2.0)
-        throughput = np.ones(wave.size)
-        for c, (lo, hi) in enumerate(synth.APSTAR_CHIP_PIXELS):
-            x = np.linspace(-1.0, 1.0, hi - lo + 1)
-            throughput[lo:hi + 1] = ((1.05, 1.0, 0.92)[c] * np.exp(rng.normal(0.0, 0.08))
-                                     * (1 + rng.normal(0.0, 0.04) * x + rng.normal(0.0, 0.03) * x * x))
-        obj = 500.0 * norm * cont * throughput
-        level = float(np.median(obj[on_chip]))
-        sigma = level / snr[i] * np.sqrt(np.clip(obj / level, 1e-3, None))
-        f = obj + rng.normal(size=wave.size) * sigma
-        bad = rng.random(wave.size) < 0.02
-        f = np.where(bad, f * rng.normal(1.0, 0.3, wave.size), f)
-        spectra.append(Spectrum(wave, np.where(on_chip, f, np.nan), np.where(on_chip, 1.0 / sigma**2, 0.0),
-                                np.where(bad, bad_bits, 0), {"snr": float(snr[i]), "frame": "rest"}))
-    return spectra, {k: labels[k] for k in ("teff", "logg", "fe_h")}, snr
 
 
 @pytest.fixture(scope="module")

@@ -95,3 +95,10 @@ def test_pure_science_does_not_import_dagster() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout
     assert int(proc.stdout.split()[-1]) >= 5  # the walk found the method modules
+
+
+def test_product_and_bench_code_do_not_import_the_tests() -> None:
+    offenders = [str(path.relative_to(ROOT)) for folder in ("astra_dagster", "bench")
+                 for path in sorted((ROOT / folder).rglob("*.py"))
+                 if "astra_dagster_tests" in path.read_text(encoding="utf-8")]
+    assert offenders == []

@@ -20,7 +20,7 @@ from astra_dagster.methods.doppler import (
 )
 from astra_dagster.spectra.bitmask import flag
 from astra_dagster.spectra.spectrum import Spectrum
-from astra_dagster_tests.doppler_toy import toy_emulator, toy_visit
+from astra_dagster.spectra.toy_templates import toy_emulator, toy_visit
 
 
 @pytest.fixture(scope="module")

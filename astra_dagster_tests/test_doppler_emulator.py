@@ -25,7 +25,7 @@ from astra_dagster.methods.emulator import (
     vacuum_to_air,
 )
 from astra_dagster.spectra.spectrum import APSTAR_CDELT1, APSTAR_CRVAL1, C_KMS, apstar_wavelength
-from astra_dagster_tests.doppler_toy import toy_emulator, toy_flux
+from astra_dagster.spectra.toy_templates import toy_emulator, toy_flux
 
 
 def _random_emulator(seed: int = 0, n_pix: int = 50) -> Emulator:

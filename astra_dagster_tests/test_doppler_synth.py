@@ -20,7 +20,7 @@ from astra_dagster.methods.emulator import (  # noqa: E402
     generator_training_settings,
     train_generator_emulators,
 )
-from astra_dagster_tests.doppler_synth import make_visit, synthetic_visits  # noqa: E402
+from astra_dagster.spectra.visit_sets import make_visit, synthetic_visits  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 from astra_dagster.methods import continuum, ferre
 from astra_dagster.methods.metrics import accuracy_bins
 from astra_dagster.spectra import synth
+from astra_dagster.spectra.labelled_sets import physical_spectra
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
-from astra_dagster_tests.thecannon_synth import physical_spectra
 
 GRID_OPTIONS = {"teff_min": 3750.0, "teff_max": 6000.0, "logg_min": 1.0, "logg_max": 5.0,
                 "metals_min": -1.25, "metals_max": 0.5}

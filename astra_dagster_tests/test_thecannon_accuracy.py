@@ -13,8 +13,8 @@ import pytest
 from astra_dagster.methods import hydrogen
 from astra_dagster.methods.metrics import accuracy_bins
 from astra_dagster.methods.thecannon import FLAGS, SURVEY_REGIONS, CannonModel, fit_spectra
+from astra_dagster.spectra.labelled_sets import LABELS, physical_spectra, release_like_set, training_set
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
-from astra_dagster_tests.thecannon_synth import LABELS, physical_spectra, release_like_set, training_set
 
 TARGETS = {"teff": 60.0, "logg": 0.12, "fe_h": 0.08}
 

@@ -19,7 +19,7 @@ import pytest
 
 from astra_dagster.methods import continuum
 from astra_dagster.methods.thecannon import CannonModel
-from astra_dagster_tests.thecannon_synth import LABELS, release_like_set
+from astra_dagster.spectra.labelled_sets import LABELS, release_like_set
 
 tc_ref = pytest.importorskip("thecannon", reason="annieslasso (imports as thecannon) is not installed")
 if not hasattr(tc_ref, "CannonModel") or not hasattr(tc_ref, "vectorizer"):  # pragma: no cover

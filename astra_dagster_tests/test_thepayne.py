@@ -14,8 +14,8 @@ import pytest
 
 from astra_dagster.methods import thepayne as tp
 from astra_dagster.methods.metrics import accuracy_bins
+from astra_dagster.spectra.labelled_sets import LABELS, physical_spectra, release_like_set
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
-from astra_dagster_tests.thecannon_synth import LABELS, physical_spectra, release_like_set
 
 COLUMNS = {"snr", "teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h", "alpha_m", "u_alpha_m", "v_turb", "u_v_turb",
            "c_h", "u_c_h", "n_h", "u_n_h", "rv", "u_rv", "r_chi_sq", "bitmask_flag"}

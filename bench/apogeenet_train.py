@@ -6,7 +6,7 @@
 ``--size full`` uses :data:`astra_dagster.methods.apogeenet.FULL_TRAINING` (tens of minutes on one
 core), ``ci`` the ``train_model`` defaults. ``--load`` skips training and evaluates a saved model.
 Test spectra: release-like raw apStar rows (``RELEASE_SETTINGS``, own stream; see
-``astra_dagster_tests/test_apogeenet.py``), per population (giants, dwarfs, hot, yso) at S/N
+``astra_dagster/spectra/labelled_sets.py``), per population (giants, dwarfs, hot, yso) at S/N
 log-uniform 50-300, plus a survey-mix set at S/N 10-300 for the S/N bins. The inference cost is
 ``fit_spectra`` wall and CPU time per spectrum on one core with ``--draws`` noisy passes (best of
 3; the 1-minute load average is printed with it, as other processes inflate the wall time).
@@ -23,17 +23,14 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from astra_dagster.methods import apogeenet as an  # noqa: E402
 from astra_dagster.methods.metrics import accuracy_bins  # noqa: E402
-from astra_dagster_tests.test_apogeenet import raw_release_like  # noqa: E402
+from astra_dagster.spectra.labelled_sets import raw_release_like  # noqa: E402
 
 
 def _evaluate(model: an.ApogeeNet, population: str, n: int, seed: int, snr_range: tuple[float, float],

@@ -3,7 +3,7 @@
     python bench/doppler_accuracy.py [--visits 600] [--seed 1] [--population survey]
                                      [--snr-min 10] [--snr-max 200]
 
-Visits come from :mod:`astra_dagster_tests.doppler_synth` (RELEASE_SETTINGS, random RV/BC,
+Visits come from :mod:`astra_dagster.spectra.visit_sets` (RELEASE_SETTINGS, random RV/BC,
 fiber-dependent R, noise at a log-uniform S/N); the templates are the generator-trained
 emulators (:func:`astra_dagster.methods.emulator.train_generator_emulators`, trained once and
 cached). For every S/N bin (10-20, 20-50, 50-100, 100+) and for ``vrel``, ``teff``, ``logg``,
@@ -22,17 +22,13 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from astra_dagster.methods.doppler import fit_visit  # noqa: E402
 from astra_dagster.methods.emulator import train_generator_emulators  # noqa: E402
-from astra_dagster_tests.doppler_synth import synthetic_visits  # noqa: E402
+from astra_dagster.spectra.visit_sets import synthetic_visits  # noqa: E402
 
 BINS = ((10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, None))
 

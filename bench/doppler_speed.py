@@ -24,13 +24,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from astra_dagster.methods.doppler import fit_visit  # noqa: E402
 
@@ -46,14 +42,14 @@ def _real() -> tuple[list, list]:
 
 def _synth(n: int, seed: int) -> tuple[list, list]:
     from astra_dagster.methods.emulator import train_generator_emulators
-    from astra_dagster_tests.doppler_synth import synthetic_visits
+    from astra_dagster.spectra.visit_sets import synthetic_visits
 
     visits = synthetic_visits(n, seed, snr_range=(20.0, 150.0))
     return [v.spectrum for v in visits], train_generator_emulators()
 
 
 def _toy(n: int, seed: int) -> tuple[list, list]:
-    from astra_dagster_tests.doppler_toy import toy_emulator, toy_visit
+    from astra_dagster.spectra.toy_templates import toy_emulator, toy_visit
 
     rng = np.random.default_rng(seed)
     spectra = []

@@ -5,7 +5,7 @@
 
 Builds the default grid (or FULL_GRID with ``--full``; or reads ``--grid`` if the file
 exists, else builds and writes it there), then fits release-like giants and dwarfs from
-:func:`astra_dagster_tests.thecannon_synth.physical_spectra` (RELEASE_SETTINGS: fiber-dependent
+:func:`astra_dagster.spectra.labelled_sets.physical_spectra` (RELEASE_SETTINGS: fiber-dependent
 asymmetric LSF, pixel integration, scattering hidden labels, a smooth continuum, noise and bad
 pixels; raw flux, normalised inside ``fit_spectra``). Prints per-population statistics from
 :func:`astra_dagster.methods.metrics.accuracy_bins` ([M/H] compared with the truth [Fe/H]),
@@ -22,18 +22,15 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from astra_dagster.methods import ferre  # noqa: E402
 from astra_dagster.methods.metrics import accuracy_bins  # noqa: E402
+from astra_dagster.spectra.labelled_sets import physical_spectra  # noqa: E402
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength  # noqa: E402
-from astra_dagster_tests.thecannon_synth import physical_spectra  # noqa: E402
 
 TRUTH = {"teff": "teff", "logg": "logg", "metals": "fe_h", "o_mg_si_s_ca_ti": "alpha_m", "c": "c_fe", "n": "n_fe"}
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from astra_dagster.methods import thepayne as tp  # noqa: E402
 from astra_dagster.methods.metrics import accuracy_bins  # noqa: E402
-from astra_dagster_tests.thecannon_synth import LABELS, release_like_set  # noqa: E402
+from astra_dagster.spectra.labelled_sets import LABELS, release_like_set  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Synthetic training and test sets for The Cannon's tests and bench.
+"""Labelled synthetic spectra outside a release folder: training and validation sets shared by the
+label methods' tests and benches (The Cannon, The Payne, FERRE, APOGEENet).
 
 Training: :func:`astra_dagster.spectra.synth.make_training_set` (``TRAINING_SETTINGS``: Gaussian
 LSF at one R, its own sampling, hidden labels on their relations), survey population without the
@@ -11,6 +12,9 @@ scattering about their relations) on the apStar grid, multiplied by the star's H
 continuum, extinction and a random smooth per-chip throughput, with Poisson-like noise at the
 requested S/N and ~2 % flagged bad pixels holding wrong values, then normalised by
 :func:`~astra_dagster.methods.continuum.normalize_arrays` — the same path as release spectra.
+
+Raw: :func:`raw_release_like` keeps the same kind of test stars in raw flux units with NaN chip
+gaps, as apStar rows have them (APOGEENet normalises nothing itself).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import numpy as np
 from astra_dagster.methods import continuum
 from astra_dagster.spectra import synth
 from astra_dagster.spectra.bitmask import flag
-from astra_dagster.spectra.spectrum import apstar_wavelength
+from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
 LABELS = ("teff", "logg", "fe_h", "alpha_m")
 _TEST_STREAM = 0x63616E6E  # "cann": never shared with releases or training sets
+_RAW_STREAM = 0x616E7473  # "ants": the raw-flux sets (APOGEENet's tests and bench), likewise
 
 
 @dataclass
@@ -106,3 +111,35 @@ def release_like_set(n: int, seed: int, snr: float | np.ndarray, *, population: 
     flux, ivar, flags, labels, kind, snr_arr = physical_spectra(n, seed, snr, population=population, kinds=kinds)
     nf, ni, cflags = continuum.normalize_arrays(apstar_wavelength(), flux, ivar, flags, return_flags=True)
     return LabelledSet(nf, ni, labels, kind, snr_arr, cflags)
+
+
+def raw_release_like(n: int, seed: int, snr: float | np.ndarray, population: str
+                     ) -> tuple[list[Spectrum], dict[str, np.ndarray], np.ndarray]:
+    """``n`` release-like apStar rows of one generator population in raw flux units:
+    (spectra, true labels, S/N)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _RAW_STREAM, len(population)]))
+    labels, _ = synth.draw_labels_with_kind(n, rng, population)
+    wave = apstar_wavelength()
+    on_chip = synth.chip_mask(wave)
+    snr = np.broadcast_to(np.asarray(snr, dtype=float), (n,)).copy()
+    bad_bits = flag("BADPIX", "CRPIX")
+    spectra = []
+    for i in range(n):
+        lab = {k: float(labels[k][i]) for k in synth.ALL_LABELS}
+        norm = synth.synthesize(lab, wave, synth.RELEASE_SETTINGS, fiber=int(rng.integers(1, 301)))
+        a_h = rng.exponential(0.15)
+        cont = synth.continuum(lab, wave) * 10.0 ** (-0.4 * a_h * (wave / 16500.0) ** -2.0)
+        throughput = np.ones(wave.size)
+        for c, (lo, hi) in enumerate(synth.APSTAR_CHIP_PIXELS):
+            x = np.linspace(-1.0, 1.0, hi - lo + 1)
+            throughput[lo:hi + 1] = ((1.05, 1.0, 0.92)[c] * np.exp(rng.normal(0.0, 0.08))
+                                     * (1 + rng.normal(0.0, 0.04) * x + rng.normal(0.0, 0.03) * x * x))
+        obj = 500.0 * norm * cont * throughput
+        level = float(np.median(obj[on_chip]))
+        sigma = level / snr[i] * np.sqrt(np.clip(obj / level, 1e-3, None))
+        f = obj + rng.normal(size=wave.size) * sigma
+        bad = rng.random(wave.size) < 0.02
+        f = np.where(bad, f * rng.normal(1.0, 0.3, wave.size), f)
+        spectra.append(Spectrum(wave, np.where(on_chip, f, np.nan), np.where(on_chip, 1.0 / sigma**2, 0.0),
+                                np.where(bad, bad_bits, 0), {"snr": float(snr[i]), "frame": "rest"}))
+    return spectra, {k: labels[k] for k in ("teff", "logg", "fe_h")}, snr
