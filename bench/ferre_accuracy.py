@@ -34,6 +34,9 @@ from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength  # noqa: 
 
 TRUTH = {"teff": "teff", "logg": "logg", "metals": "fe_h", "o_mg_si_s_ca_ti": "alpha_m", "c": "c_fe", "n": "n_fe"}
 
+#: FERRE's target per spectrum on one core (CPU time; timed here, not in the tests).
+SPEED_TARGET_S = 0.5
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,6 +89,9 @@ def main() -> None:
             print(f"  {n:16s} bias {st['bias']:8.3f}  rms {st['rms']:8.3f}  robust σ {st['robust_sigma']:8.3f}  "
                   f"outliers {st['outlier_frac']:.3f}  pull std {st['pull_std']}")
     print(f"CPU s/spectrum {cpu:.3f}; flags {out['flags']}; truth outside grid {out['outside_grid']}")
+    out["speed_target"] = {"cpu_s_per_spectrum_max": SPEED_TARGET_S, "pass": cpu <= SPEED_TARGET_S}
+    verdict = "PASS" if cpu <= SPEED_TARGET_S else "FAIL"
+    print(f"speed: {cpu:.3f} CPU s per spectrum, target <= {SPEED_TARGET_S}: {verdict}")
     print(json.dumps(out))
 
 

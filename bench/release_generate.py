@@ -25,6 +25,9 @@ import numpy as np  # noqa: E402
 from astra_dagster.spectra import release, synth  # noqa: E402
 from astra_dagster.spectra.spectrum import apstar_wavelength  # noqa: E402
 
+#: The generator's budget per release-settings spectrum on one core (timed here, not in the tests).
+SYNTH_TARGET_MS = 25.0
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -59,12 +62,15 @@ def main() -> None:
           f"= {summary.visits / seconds:.1f} visits/s ({seconds / summary.visits * 1e3:.1f} ms per visit "
           f"incl. apStar, FITS, truth), {size / 1e6:.0f} MB")
     print(f"stack S/N 5/50/95 %: {np.percentile(snr, [5, 50, 95]).round(1).tolist()}")
+    print(f"speed: generator {synth_ms:.1f} ms per spectrum, target < {SYNTH_TARGET_MS:.0f}: "
+          f"{'PASS' if synth_ms < SYNTH_TARGET_MS else 'FAIL'}")
     print(json.dumps({
         "bench": "release_generate", "sources": args.sources, "visits": summary.visits,
         "seconds": round(seconds, 3), "spectra_per_second": round(summary.visits / seconds, 2),
         "ms_per_visit": round(seconds / summary.visits * 1e3, 2),
         "synth_ms_per_spectrum": round(synth_ms, 2), "synth_training_ms_per_spectrum": round(train_ms, 2),
         "megabytes": round(size / 1e6, 1),
+        "speed_target": {"synth_ms_per_spectrum_max": SYNTH_TARGET_MS, "pass": synth_ms < SYNTH_TARGET_MS},
     }))
 
 
