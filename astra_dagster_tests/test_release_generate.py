@@ -277,9 +277,29 @@ def test_training_draws_are_independent_of_release_draws() -> None:
     assert abs(np.corrcoef(training, released)[0, 1]) < 0.6
 
 
+def _chi2_fit_scatter(src: rs.SourceTruth, visit: rs.Visit, limit: float, n_draws: int) -> np.ndarray:
+    """Velocities a χ² fit with the true template finds over ``n_draws`` noise draws of ``visit``."""
+    flat = visit.wavelength.ravel()
+    offsets = np.linspace(-4, 4, 9) * limit
+    star = [synth.synthesize(src.labels, flat, synth.RELEASE_SETTINGS, rv_kms=visit.vrel + d, fiber=visit.fiber)
+            for d in offsets]
+    models = visit.model.ravel() * np.array(star) / star[4]
+    sigma = visit.sigma.ravel().astype(float)
+    good = (visit.flags.ravel() & BAD_PIXELS) == 0
+    rng = np.random.default_rng(1)
+    fits = []
+    for _ in range(n_draws):
+        data = visit.model.ravel() + rng.normal(size=sigma.size) * sigma
+        chi2 = np.sum(((data - models)[:, good] / sigma[good]) ** 2, axis=1)
+        a, b, _ = np.polyfit(offsets, chi2, 2)
+        fits.append(-b / (2 * a))
+    return np.array(fits)
+
+
 def test_rv_information_limit_matches_monte_carlo() -> None:
     """The Cramér–Rao bound is the scatter a χ² fit with the true template reaches over noise draws,
-    and it separates a slow-rotating giant (tens of m/s) from a fast-rotating hot star (km/s)."""
+    for a slow-rotating giant (tens of m/s) and for a fast-rotating hot star (km/s) alike: the
+    bound is not what makes a method look better than it (hot stars dominate a bin's rms)."""
     seed, taken = 3, set()
     sources = [rs._new_source(seed, i, taken) for i in range(47)]
     giant, hot = sources[3], sources[46]
@@ -287,25 +307,15 @@ def test_rv_information_limit_matches_monte_carlo() -> None:
     visit = rs._initial_visits(giant, seed, keep_model=True)[0]
     limit = rs.rv_information_limit(giant, visit)
     assert 0.01 < limit < 0.1
-
-    flat = visit.wavelength.ravel()
-    offsets = np.linspace(-4, 4, 9) * limit
-    star = [synth.synthesize(giant.labels, flat, synth.RELEASE_SETTINGS, rv_kms=visit.vrel + d, fiber=visit.fiber)
-            for d in offsets]
-    models = visit.model.ravel() * np.array(star) / star[4]
-    sigma = visit.sigma.ravel().astype(float)
-    good = (visit.flags.ravel() & BAD_PIXELS) == 0
-    rng = np.random.default_rng(1)
-    fits = []
-    for _ in range(300):
-        data = visit.model.ravel() + rng.normal(size=sigma.size) * sigma
-        chi2 = np.sum(((data - models)[:, good] / sigma[good]) ** 2, axis=1)
-        a, b, _ = np.polyfit(offsets, chi2, 2)
-        fits.append(-b / (2 * a))
+    fits = _chi2_fit_scatter(giant, visit, limit, 300)
     assert abs(np.mean(fits)) < 0.2 * limit
     assert np.std(fits) == pytest.approx(limit, rel=0.15)
 
     hot_visit = rs._initial_visits(hot, seed, keep_model=True)[0]
-    assert rs.rv_information_limit(hot, hot_visit) > 20 * limit
+    hot_limit = rs.rv_information_limit(hot, hot_visit)
+    assert hot_limit > 20 * limit
+    hot_fits = _chi2_fit_scatter(hot, hot_visit, hot_limit, 300)
+    assert abs(np.mean(hot_fits)) < 0.2 * hot_limit
+    assert np.std(hot_fits) == pytest.approx(hot_limit, rel=0.15)
     with pytest.raises(ValueError, match="keep_model"):
         rs.rv_information_limit(giant, rs._initial_visits(giant, seed)[0])

@@ -16,8 +16,11 @@ the issues state their targets), ``by_kind`` (the bins per kind of star: giant, 
 yso) and ``unflagged`` / ``unflagged_pooled`` (only results without a flag bit that makes them
 unusable, with ``coverage``, the fraction of the bin they are). For doppler each vrel entry also
 has ``crb_rms``, the rms of the visits' Cramér–Rao bounds computed from the generator's noiseless
-spectra (the rms no method can beat on those visits), and ``rms_over_crb``. ``--worst N``
-prints the N worst spectra with their true (also hidden) labels.
+spectra (the rms no method can beat on those visits), ``rms_over_crb``, ``crb_n_eff`` (how
+many visits that σ_CRB²-weighted ratio rests on) and ``z_crb`` (rms, robust spread and largest
+|Δ/σ_CRB|, every visit weighted alike); the JSON then also has ``targets``, the RV targets of
+issue #10 with their verdicts (printed as PASS/FAIL lines). ``--worst N`` prints the N worst
+spectra with their true (also hidden) labels.
 
 Set OMP_NUM_THREADS=1 (the script does by default) so one core does one spectrum.
 """
@@ -90,20 +93,83 @@ def _doppler(rows: list[dict], stars: dict, visits: dict) -> tuple[dict, dict, d
     return truth, est, unc, snr, kinds, flags, ids
 
 
-def add_information_limit(bins: list[dict], label: str, limit: list[float], snr: list[float]) -> None:
-    """Adds ``crb_rms`` (√ mean of the squared Cramér–Rao bounds) and ``rms_over_crb`` to
-    ``label``'s statistics in each bin: the rms no method could beat, and how far above it we are."""
-    lim, s = np.asarray(limit, dtype=float), np.asarray(snr, dtype=float)
+def add_information_limit(bins: list[dict], label: str, limit: list[float], snr: list[float],
+                          delta: list[float]) -> None:
+    """Adds to ``label``'s statistics in each bin, over the spectra with a finite error Δ and a
+    finite Cramér–Rao bound σ_CRB (the rms's own spectra: a failed fit must not add its bound):
+
+    * ``crb_rms``: √ mean σ_CRB², the rms no method could beat on those spectra, and
+      ``rms_over_crb`` = rms / crb_rms;
+    * ``crb_n_eff`` = (Σσ²)² / Σσ⁴: how many spectra that ratio really rests on. It weights each
+      spectrum by σ_CRB², so in a bin with a few fast-rotating hot stars (σ_CRB 1-4 km/s against
+      0.01-0.1 for cool stars) it is the scatter of those few draws, not an efficiency;
+    * ``z_crb``: the distribution of z = Δ/σ_CRB, every spectrum with the same weight: ``rms``,
+      ``robust_spread`` (1.4826 MAD about the median) and ``max_abs`` (1 for an efficient,
+      unbiased method; above 1 where noise is not what limits it)."""
+    lim, s, d = (np.asarray(a, dtype=float) for a in (limit, snr, delta))
     for b in bins:
         st = b["labels"][label]
         with np.errstate(invalid="ignore"):
             pick = np.isfinite(s) & (s >= b["snr_lo"]) & ((s < b["snr_hi"]) if b["snr_hi"] is not None else True)
-        pick &= np.isfinite(lim)
+        pick &= np.isfinite(lim) & (lim > 0) & np.isfinite(d)
         if not pick.any() or st["rms"] is None:
-            st["crb_rms"] = st["rms_over_crb"] = None
+            st["crb_rms"] = st["rms_over_crb"] = st["crb_n_eff"] = st["z_crb"] = None
             continue
-        st["crb_rms"] = float(np.sqrt(np.mean(lim[pick] ** 2)))
-        st["rms_over_crb"] = st["rms"] / st["crb_rms"]
+        c2 = lim[pick] ** 2
+        rms = float(np.sqrt(np.mean(d[pick] ** 2)))
+        st["crb_rms"] = float(np.sqrt(np.mean(c2)))
+        st["rms_over_crb"] = rms / st["crb_rms"]
+        st["crb_n_eff"] = float(np.sum(c2) ** 2 / np.sum(c2**2))
+        st["z_crb"] = z_stats(d[pick] / lim[pick])
+
+
+def z_stats(z: np.ndarray) -> dict[str, float]:
+    """rms, robust spread (1.4826 MAD) and largest |z| of finite normalised errors ``z``."""
+    from astra_dagster.methods.metrics import robust_sigma
+
+    z = np.asarray(z, dtype=float)
+    z = z[np.isfinite(z)]
+    if z.size == 0:
+        return {"n": 0, "rms": float("nan"), "robust_spread": float("nan"), "max_abs": float("nan")}
+    return {"n": int(z.size), "rms": float(np.sqrt(np.mean(z**2))), "robust_spread": robust_sigma(z),
+            "max_abs": float(np.max(np.abs(z)))}
+
+
+#: Kinds of star the cool-star RV targets are stated for (issue #10).
+COOL_KINDS = ("giant", "dwarf", "yso")
+
+
+def rv_targets(delta: list[float], crb: list[float], unc: list[float], snr: list[float],
+               kinds: list[str]) -> list[dict[str, Any]]:
+    """The RV targets of issue #10, each {"target", "value", "limit", "pass"}:
+
+    * cool stars (:data:`COOL_KINDS`): |ΔRV| rms <= 0.1 km/s at visit S/N >= 20, <= 0.05 at >= 50;
+    * every visit: Δ/σ_CRB has a robust spread (1.4826 MAD) within 1.0-1.3 and no |Δ/σ_CRB| > 5
+      (a visit without a velocity counts as beyond 5: a failed fit is a catastrophic error);
+      the pull Δ/σ (the method's own uncertainty) has a std within 0.8-1.3.
+    """
+    d, c, u, s = (np.asarray(a, dtype=float) for a in (delta, crb, unc, snr))
+    cool = np.isin(np.asarray(kinds), COOL_KINDS)
+    out: list[dict[str, Any]] = []
+    for lo, limit in ((20, 0.1), (50, 0.05)):
+        with np.errstate(invalid="ignore"):
+            pick = cool & (s >= lo) & np.isfinite(d)
+        value = float(np.sqrt(np.mean(d[pick] ** 2))) if pick.any() else float("nan")
+        out.append({"target": f"cool stars |dRV| rms at S/N >= {lo} (km/s)", "value": value,
+                    "limit": [None, limit], "pass": bool(value <= limit)})
+    measured = np.isfinite(c) & (c > 0)
+    z = d[measured] / c[measured]
+    zs = z_stats(z)
+    failed = int(np.sum(~np.isfinite(z)))
+    out.append({"target": "every visit: robust spread of dRV/CRB", "value": zs["robust_spread"],
+                "limit": [1.0, 1.3], "pass": bool(1.0 <= zs["robust_spread"] <= 1.3)})
+    out.append({"target": f"every visit: max |dRV/CRB| ({failed} without a velocity)", "value": zs["max_abs"],
+                "limit": [None, 5.0], "pass": bool(failed == 0 and zs["max_abs"] <= 5.0)})
+    ok = np.isfinite(d) & np.isfinite(u) & (u > 0)
+    pull = float(np.std(d[ok] / u[ok])) if ok.sum() >= 2 else float("nan")
+    out.append({"target": "every visit: pull std dRV/sigma", "value": pull, "limit": [0.8, 1.3],
+                "pass": bool(0.8 <= pull <= 1.3)})
+    return out
 
 
 def _labels(mapping: dict[str, str], relative_teff: bool = False
@@ -256,6 +322,7 @@ def main() -> None:
         truth, est, unc, snr, kinds, flags, ids = method.compare(rows, stars, visits)
 
         crb: list[float] | None = None
+        dv: list[float] = []
         if method.asset == "doppler":
             # The Cramér–Rao bound of each visit (from the generator's noiseless spectrum) says how
             # much of a shortfall is the method's and how much is the spectrum's.
@@ -263,13 +330,15 @@ def main() -> None:
             limits = visit_rv_information_limits(args.seed, args.sources)
             crb = [limits.get(key, float("nan")) for key in visit_keys(rows, visits)]
             print(f"information limits of {len(limits)} visits in {time.perf_counter() - t0:.1f} s", flush=True)
+            dv = [e - t for e, t in zip(est["vrel"], truth["vrel"], strict=True)]
 
         def subset(pick: list[int], bins: Any = SNR_BINS) -> list[dict]:
             out = accuracy_bins({k: [v[i] for i in pick] for k, v in truth.items()},
                                 {k: [v[i] for i in pick] for k, v in est.items()},
                                 {k: [v[i] for i in pick] for k, v in unc.items()}, [snr[i] for i in pick], bins=bins)
             if crb is not None:
-                add_information_limit(out, "vrel", [crb[i] for i in pick], [snr[i] for i in pick])
+                add_information_limit(out, "vrel", [crb[i] for i in pick], [snr[i] for i in pick],
+                                      [dv[i] for i in pick])
             return out
 
         everyone = list(range(len(snr)))
@@ -298,10 +367,22 @@ def main() -> None:
                     if st["rms"] is None:
                         continue
                     pull = "-" if st["pull_std"] is None else f"{st['pull_std']:.2f}"
-                    limit = (f"  CRB rms {st['crb_rms']:.4g} (rms/CRB {st['rms_over_crb']:.2f})"
-                             if st.get("crb_rms") is not None else "")
+                    limit = ""
+                    if st.get("crb_rms") is not None:
+                        z = st["z_crb"]
+                        limit = (f"  CRB rms {st['crb_rms']:.4g} (rms/CRB {st['rms_over_crb']:.2f}, n_eff "
+                                 f"{st['crb_n_eff']:.1f}); Δ/CRB rms {z['rms']:.2f} robust {z['robust_spread']:.2f}"
+                                 f" max {z['max_abs']:.1f}")
                     print(f"  {label:6s} bias {st['bias']:+.4g}  rms {st['rms']:.4g}  robust σ {st['robust_sigma']:.4g}"
                           f"  outliers {st['outlier_frac']:.3f}  pull std {pull}{limit}")
+        targets = None
+        if crb is not None:
+            targets = rv_targets(dv, crb, unc["vrel"], snr, kinds)
+            print("--- targets (issue #10)")
+            for t in targets:
+                lo, hi = t["limit"]
+                bound = f"<= {hi:g}" if lo is None else f"within {lo:g}-{hi:g}"
+                print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['target']} = {t['value']:.4g} ({bound})")
         if args.worst:
             print_worst(args.worst, truth, est, snr, kinds, flags, ids, stars)
         per_spectrum = science_s / max(len(snr), 1)
@@ -310,6 +391,8 @@ def main() -> None:
                                   "seconds_per_spectrum": round(per_spectrum, 5), "bins": bins,
                                   "pooled": pooled, "by_kind": by_kind, "unflagged": report_sets.get("unflagged"),
                                   "unflagged_pooled": report_sets.get("unflagged, pooled")}
+        if targets is not None:
+            report["targets"] = targets
     finally:
         close_pools()
         stop_server(home)
