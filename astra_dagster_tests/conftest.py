@@ -64,3 +64,39 @@ def clean_db(database: str) -> str:
     """The session database, emptied (pks restart at 1)."""
     truncate_all(database)
     return database
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trained models: one per session, cached on disk by their training parameters and code (model_cache).
+
+
+@pytest.fixture(scope="session")
+def payne_model():
+    from astra_dagster.methods import thepayne as tp
+    from astra_dagster_tests import model_cache as mc
+
+    return mc.cached_model("thepayne", mc.PAYNE_TRAINING, tp.train_model, tp.PayneModel.read)
+
+
+@pytest.fixture(scope="session")
+def apogeenet_model():
+    from astra_dagster.methods import apogeenet as an
+    from astra_dagster_tests import model_cache as mc
+
+    return mc.cached_model("apogeenet", mc.APOGEENET_TRAINING, an.train_model, an.ApogeeNet.read)
+
+
+@pytest.fixture(scope="session")
+def ferre_grid():
+    from astra_dagster.methods import ferre
+    from astra_dagster_tests import model_cache as mc
+
+    return mc.cached_model("ferre", mc.FERRE_TRAINING, ferre.train_model, ferre.FerreGrid.read)
+
+
+@pytest.fixture(scope="session")
+def cannon_model():
+    from astra_dagster.methods.thecannon import CannonModel
+    from astra_dagster_tests import model_cache as mc
+
+    return mc.cached_model("thecannon", mc.CANNON_TRAINING, mc.train_cannon, CannonModel.read)

@@ -22,17 +22,18 @@ from astra_dagster.methods.metrics import accuracy_bins
 from astra_dagster.spectra.bitmask import flag
 from astra_dagster.spectra.labelled_sets import raw_release_like
 from astra_dagster.spectra.spectrum import Spectrum
+from astra_dagster_tests.model_cache import APOGEENET_TRAINING
 
 POPULATIONS = {"giants": "giant", "dwarfs": "dwarf", "hot": "hot", "yso": "yso"}
 #: CI-size training (the module fixture); the accuracy it reaches is asserted below.
-CI_TRAINING = {"n_train": 2400, "epochs": 20}
+CI_TRAINING = APOGEENET_TRAINING
 SQL = Path(__file__).resolve().parents[1] / "sql" / "astradb.sql"
 
 
 @pytest.fixture(scope="module")
-def model() -> an.ApogeeNet:
-    """The CI-size network (about 100 s on one core, generation included)."""
-    return an.train_model(seed=3, **CI_TRAINING)
+def model(apogeenet_model: an.ApogeeNet) -> an.ApogeeNet:
+    """The CI-size network (model_cache.APOGEENET_TRAINING, about 100 s on one core; cached on disk)."""
+    return apogeenet_model
 
 
 # ----------------------------------------------------------------------------- the network itself

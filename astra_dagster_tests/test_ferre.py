@@ -21,14 +21,12 @@ from astra_dagster.spectra import synth
 from astra_dagster.spectra.labelled_sets import physical_spectra
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
-GRID_OPTIONS = {"teff_min": 3750.0, "teff_max": 6000.0, "logg_min": 1.0, "logg_max": 5.0,
-                "metals_min": -1.25, "metals_max": 0.5}
 SQL = Path(__file__).resolve().parents[1] / "sql" / "astradb.sql"
 
 
 @pytest.fixture(scope="module")
-def grid() -> ferre.FerreGrid:
-    return ferre.train_model(seed=3, n_validation=16, **GRID_OPTIONS)
+def grid(ferre_grid: ferre.FerreGrid) -> ferre.FerreGrid:
+    return ferre_grid  # model_cache.FERRE_TRAINING, cached on disk
 
 
 def spectra_from(flux: np.ndarray, ivar: np.ndarray, flags: np.ndarray, snr: np.ndarray) -> list[Spectrum]:

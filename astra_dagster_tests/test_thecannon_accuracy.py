@@ -13,17 +13,16 @@ import pytest
 
 from astra_dagster.methods import hydrogen
 from astra_dagster.methods.metrics import accuracy_bins
-from astra_dagster.methods.thecannon import FLAGS, SURVEY_REGIONS, CannonModel, fit_spectra
-from astra_dagster.spectra.labelled_sets import LABELS, physical_spectra, release_like_set, training_set
+from astra_dagster.methods.thecannon import FLAGS, CannonModel, fit_spectra
+from astra_dagster.spectra.labelled_sets import LABELS, physical_spectra, release_like_set
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
 TARGETS = {"teff": 60.0, "logg": 0.12, "fe_h": 0.08}
 
 
 @pytest.fixture(scope="module")
-def fitted() -> dict:
-    train = training_set(600, seed=101)
-    model = CannonModel(LABELS, regions=SURVEY_REGIONS).train(train.flux, train.ivar, train.labels)
+def fitted(cannon_model: CannonModel) -> dict:
+    model = cannon_model  # model_cache.CANNON_TRAINING, cached on disk
     snr = np.random.default_rng(7).uniform(50.0, 150.0, 220)
     data = release_like_set(220, seed=202, snr=snr)
     return {"model": model, "data": data, "result": model.test(data.flux, data.ivar)}

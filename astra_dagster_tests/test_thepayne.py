@@ -30,8 +30,8 @@ ABUNDANCE_LIMITS = {"c_h": 0.1, "n_h": 0.15, "v_turb": 0.3}
 
 
 @pytest.fixture(scope="module")
-def model() -> tp.PayneModel:
-    return tp.train_model()
+def model(payne_model: tp.PayneModel) -> tp.PayneModel:
+    return payne_model  # model_cache.PAYNE_TRAINING, cached on disk
 
 
 @pytest.fixture(scope="module")
