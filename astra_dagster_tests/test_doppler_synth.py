@@ -16,7 +16,7 @@ import pytest
 synth = pytest.importorskip("astra_dagster.spectra.synth")
 
 from astra_dagster.methods.doppler import fit_star, fit_visit  # noqa: E402
-from astra_dagster.methods.emulator import (  # noqa: E402
+from astra_dagster.methods.doppler.emulator import (  # noqa: E402
     generator_training_settings,
     train_generator_emulators,
 )

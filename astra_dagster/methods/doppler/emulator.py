@@ -636,7 +636,7 @@ def _generator_error_floors(emulators: list[Emulator], settings: Any, seed: int,
     random velocities, an independent seed); their errors are template mismatch."""
     import dataclasses
 
-    from astra_dagster.methods.doppler import calibrate_error_floors
+    from astra_dagster.methods.doppler.fit import calibrate_error_floors
     from astra_dagster.spectra import synth
     from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 

@@ -1,7 +1,7 @@
 """Doppler-style radial velocities and coarse stellar labels (numpy/scipy only).
 
 The flow follows Doppler's ``fit_cannon`` (reference/methods.md §2.1) with a Cannon emulator
-(:mod:`astra_dagster.methods.emulator`) as the template family:
+(:mod:`astra_dagster.methods.doppler.emulator`) as the template family:
 
 1. **prep** — mask bad pixels with the Doppler mask, non-finite values and large positive
    outliers; normalise each chip by a polynomial through upper percentiles of the flux.
@@ -41,7 +41,7 @@ from scipy import fft as sp_fft
 from scipy import sparse
 from scipy.ndimage import median_filter
 
-from astra_dagster.methods.emulator import Emulator
+from astra_dagster.methods.doppler.emulator import Emulator
 from astra_dagster.spectra.bitmask import DOPPLER_BAD_PIXELS
 from astra_dagster.spectra.spectrum import C_KMS, Spectrum
 
