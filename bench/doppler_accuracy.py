@@ -5,7 +5,7 @@
 
 Visits come from :mod:`astra_dagster_tests.doppler_synth` (RELEASE_SETTINGS, random RV/BC,
 fiber-dependent R, noise at a log-uniform S/N); the templates are the generator-trained
-emulators (:func:`astra_dagster.methods.doppler.emulator.train_generator_emulators`, trained once and
+emulators (:func:`astra_dagster.methods.doppler.templates.train_generator_emulators`, trained once and
 cached). For every S/N bin (10-20, 20-50, 50-100, 100+) and for ``vrel``, ``teff``, ``logg``,
 ``fe_h``: n, bias, rms, robust σ (1.4826 MAD), outlier fraction (|Δ| > 3 robust σ) and pull
 std (Δ/σ). Subsets: ``all`` and ``disk`` (Teff < 7000 K and [Fe/H] > -1: the bulk of APOGEE
@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astra_dagster.methods.doppler import fit_visit  # noqa: E402
-from astra_dagster.methods.doppler.emulator import train_generator_emulators  # noqa: E402
+from astra_dagster.methods.doppler import fit_visit, train_generator_emulators  # noqa: E402
 from astra_dagster_tests.doppler_synth import synthetic_visits  # noqa: E402
 
 BINS = ((10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, None))

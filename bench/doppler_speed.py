@@ -36,7 +36,7 @@ from astra_dagster.methods.doppler import fit_visit  # noqa: E402
 
 
 def _real() -> tuple[list, list]:
-    from astra_dagster.methods.doppler.emulator import load_synspec_emulators
+    from astra_dagster.methods.doppler import load_synspec_emulators
     from astra_dagster.spectra.apogee import read_apvisit
     from astra_dagster.spectra.realdata import THEDOPPLER, extract_matching
 
@@ -45,7 +45,7 @@ def _real() -> tuple[list, list]:
 
 
 def _synth(n: int, seed: int) -> tuple[list, list]:
-    from astra_dagster.methods.doppler.emulator import train_generator_emulators
+    from astra_dagster.methods.doppler import train_generator_emulators
     from astra_dagster_tests.doppler_synth import synthetic_visits
 
     visits = synthetic_visits(n, seed, snr_range=(20.0, 150.0))
