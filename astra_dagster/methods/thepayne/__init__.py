@@ -1,0 +1,3 @@
+"""thepayne (moved from methods/thepayne.py; split into modules next)."""
+
+from astra_dagster.methods.thepayne.training import *  # noqa: F403
