@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from astra_dagster.methods import apogeenet as an
+from astra_dagster.methods.apogeenet.network import _conv, _Network, _pad_flat
 from astra_dagster.methods.metrics import accuracy_bins
 from astra_dagster.spectra.bitmask import flag
 from astra_dagster.spectra.labelled_sets import raw_release_like
-from astra_dagster.spectra.spectrum import Spectrum
+from astra_dagster.spectra.spectrum import APSTAR_NPIX, Spectrum
 from astra_dagster_tests.model_cache import APOGEENET_TRAINING
 
 POPULATIONS = {"giants": "giant", "dwarfs": "dwarf", "hot": "hot", "yso": "yso"}
@@ -41,7 +42,7 @@ def model(apogeenet_model: an.ApogeeNet) -> an.ApogeeNet:
 
 def test_backprop_matches_finite_differences() -> None:
     rng = np.random.default_rng(1)
-    net = an._Network(32, ((5, 3), (3, 4), (3, 5)), 6, 3, rng)  # C=1 window path and shifted-product path
+    net = _Network(32, ((5, 3), (3, 4), (3, 5)), 6, 3, rng)  # C=1 window path and shifted-product path
     net.params = {k: v.astype(np.float64) + rng.normal(0, 0.05, v.shape) for k, v in net.params.items()}
     x = rng.standard_normal((4, 32))
     target = rng.standard_normal((4, 3))
@@ -83,7 +84,7 @@ def test_forward_is_a_same_padded_convolution() -> None:
         L, c = 16, 3
         h = rng.standard_normal((2, L, c_in))
         w = rng.standard_normal((k * c_in, c))
-        y = an._conv(an._pad_flat(h, k), w, k).reshape(2, L + k - 1, c)[:, :L]
+        y = _conv(_pad_flat(h, k), w, k).reshape(2, L + k - 1, c)[:, :L]
         pad = k // 2
         hp = np.pad(h, ((0, 0), (pad, k - 1 - pad), (0, 0)))
         expect = np.zeros((2, L, c))
@@ -255,7 +256,7 @@ def test_wrong_input_raises(model: an.ApogeeNet) -> None:
     with pytest.raises(an.ApogeeNetError, match="needs an ApogeeNet"):
         an.fit_spectra("model.npz", [])  # type: ignore[arg-type]
     with pytest.raises(an.ApogeeNetError, match="not been trained"):
-        an.ApogeeNet().predict(np.ones(an.APSTAR_NPIX), np.ones(an.APSTAR_NPIX))
+        an.ApogeeNet().predict(np.ones(APSTAR_NPIX), np.ones(APSTAR_NPIX))
     with pytest.raises(an.ApogeeNetError, match="shape"):
         model.predict(np.ones((2, 100)), np.ones((2, 100)))
 

@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from astra_dagster.methods.emulator import (
+from astra_dagster.methods.doppler.emulator import (
     APOGEE_RESOLUTION,
     TEMPLATE_LOG10_STEP,
     Emulator,

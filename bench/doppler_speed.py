@@ -32,7 +32,7 @@ from astra_dagster.methods.doppler import fit_visit  # noqa: E402
 
 
 def _real() -> tuple[list, list]:
-    from astra_dagster.methods.emulator import load_synspec_emulators
+    from astra_dagster.methods.doppler import load_synspec_emulators
     from astra_dagster.spectra.apogee import read_apvisit
     from astra_dagster.spectra.realdata import THEDOPPLER, extract_matching
 
@@ -41,7 +41,7 @@ def _real() -> tuple[list, list]:
 
 
 def _synth(n: int, seed: int) -> tuple[list, list]:
-    from astra_dagster.methods.emulator import train_generator_emulators
+    from astra_dagster.methods.doppler import train_generator_emulators
     from astra_dagster.spectra.visit_sets import synthetic_visits
 
     visits = synthetic_visits(n, seed, snr_range=(20.0, 150.0))

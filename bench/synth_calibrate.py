@@ -27,7 +27,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
-from astra_dagster.methods.emulator import load_synspec_emulators  # noqa: E402
+from astra_dagster.methods.doppler import load_synspec_emulators  # noqa: E402
 from astra_dagster.spectra import synth  # noqa: E402
 from astra_dagster.spectra.spectrum import apstar_wavelength  # noqa: E402
 

@@ -282,8 +282,7 @@ def _json_number(value: Any) -> Any:
 def rv(files: tuple[Path, ...], templates: str, vrange: float) -> None:
     """Measure radial velocities of apVisit/apStar files (no database): one JSON object per
     spectrum per line. RVs stored in the files are never read."""
-    from astra_dagster.methods.doppler import fit_visit
-    from astra_dagster.methods.emulator import load_templates, train_generator_emulators
+    from astra_dagster.methods.doppler import fit_visit, load_templates, train_generator_emulators
     from astra_dagster.spectra.errors import SpectrumFormatError
     from astra_dagster.spectra.io import read_spectra
 

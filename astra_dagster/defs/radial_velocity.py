@@ -14,8 +14,7 @@ from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
-from astra_dagster.methods.doppler import fit_star
-from astra_dagster.methods.emulator import Emulator, load_templates, train_generator_emulators
+from astra_dagster.methods.doppler import Emulator, fit_star, load_templates, train_generator_emulators
 from astra_dagster.spectra.apogee import read_apvisit
 
 

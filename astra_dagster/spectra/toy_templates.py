@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from astra_dagster.methods.emulator import (
+from astra_dagster.methods.doppler import (
     TEMPLATE_LOG10_STEP,
     Emulator,
     template_log10_grid,

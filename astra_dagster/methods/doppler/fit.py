@@ -1,0 +1,272 @@
+"""The fit of one visit (:func:`fit_visit`): CCF candidates, labels, joint fit, template families
+competing, rotation and the fine RV (the flow of :mod:`astra_dagster.methods.doppler`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from astra_dagster.methods.doppler.barycentric import _barycentric
+from astra_dagster.methods.doppler.ccf import _ccf, _CCFResult
+from astra_dagster.methods.doppler.emulator import Emulator
+from astra_dagster.methods.doppler.flags import (
+    _AMBIGUOUS_DCHI2,
+    _MAX_TEMPLATE_FITS,
+    _NO_SIGNAL,
+    _WEAK_CCF,
+    CLIP_SIGMA,
+    HIGH_CHISQ,
+    MIN_GOOD_PIXELS,
+    DopplerError,
+    DopplerFlag,
+)
+from astra_dagster.methods.doppler.floors import _floor_vector
+from astra_dagster.methods.doppler.lm import _levenberg_marquardt, _LMResult
+from astra_dagster.methods.doppler.model import _VisitModel
+from astra_dagster.methods.doppler.prepare import _prepare, _Prepared, as_emulators
+from astra_dagster.methods.doppler.results import VisitRV
+from astra_dagster.methods.doppler.rotation import _MIN_VSINI, _broadening
+from astra_dagster.spectra.spectrum import Spectrum
+
+
+def _bounds(emulator: Emulator, n_params: int, v0: float, vrange: float) -> tuple[np.ndarray, np.ndarray]:
+    lower = np.full(n_params, -np.inf)
+    upper = np.full(n_params, np.inf)
+    lower[:3], upper[:3] = emulator.ranges[:, 0], emulator.ranges[:, 1]
+    lower[3], upper[3] = -vrange, vrange
+    return lower, upper
+
+
+def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, vrange: float
+                   ) -> tuple[_VisitModel, _LMResult, np.ndarray]:
+    """From one CCF candidate to a converged joint fit.
+
+    Labels (with the continuum) at the CCF velocity; a second CCF with those labels; then the
+    joint fit of all labels, v and the continuum, 5σ clipping and a refit. Broad-lined spectra
+    (CCF error > 1 km/s, e.g. hot stars whose Brackett lines dominate the correlation) keep
+    [Fe/H] at the template's value in the first step, so that the weak narrow lines stay in the
+    template, and get a χ²(v) scan at 1 km/s steps across the CCF uncertainty, where the narrow
+    lines decide, before the joint fit.
+    Returns the model, the fit and the free-parameter mask.
+    """
+    emulator = ccf.emulator
+    model = _VisitModel(prep, emulator, ccf.vrel)
+    labels0 = emulator.clip(ccf.labels)
+    coef, _ = model.solve_continuum(labels0, ccf.vrel)
+    p0 = np.concatenate([labels0, [ccf.vrel], coef])
+    lower, upper = _bounds(emulator, model.n_params, ccf.vrel, vrange)
+    free = np.ones(model.n_params, dtype=bool)
+    free[3] = False
+    broad = ccf.sigma_v > 1.0
+    if broad:
+        free[2] = False
+    stage = _levenberg_marquardt(model.at_fixed_velocity(ccf.vrel), p0, free, lower, upper, max_iter=4)
+    ccf2 = _ccf(prep, emulators, vrange, only=(emulator, stage.p[:3]))[0]
+    p0 = stage.p.copy()
+    p0[3] = ccf2.vrel if not ccf2.edge else ccf.vrel
+    if not ccf2.edge and (broad or ccf2.sigma_v > 1.0):
+        half = min(max(3.0 * ccf2.sigma_v, 5.0), 40.0)
+        vs = np.clip(p0[3] + np.arange(-half, half + 0.5, 1.0), -vrange, vrange)
+        grid = model.grid_flux(p0[:3], float(vs[0]), float(vs[-1]))
+        chi2 = [model.solve_continuum(p0[:3], float(v), grid)[1] for v in vs]
+        p0[3] = float(vs[int(np.argmin(chi2))])
+    free[:] = True
+    model.set_weights(float(p0[3]))
+    res = _levenberg_marquardt(model.residuals, p0, free, lower, upper)
+    # Reject > CLIP_SIGMA residuals (sky residuals, bad pixels the mask missed) and refit, with
+    # the weights following the star's final position.
+    bad = np.abs(res.residuals) > CLIP_SIGMA
+    # s² weights misplaced by δv bias v by ~2 % of δv (measured): refit when δv > 0.5 km/s.
+    moved = abs(res.p[3] - p0[3]) > 0.5 and model.em.s2 is not None
+    if (np.any(bad) and (~bad).sum() >= MIN_GOOD_PIXELS) or moved:
+        if (~bad).sum() >= MIN_GOOD_PIXELS:
+            model.reject(bad)
+        model.set_weights(float(res.p[3]))
+        res = _levenberg_marquardt(model.residuals, res.p, free, lower, upper)
+    return model, res, free
+
+
+def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
+    """True when any label is within 0.1 % of its range limit."""
+    lo, hi = emulator.ranges[:, 0], emulator.ranges[:, 1]
+    tol = 1e-3 * (hi - lo)
+    return bool(np.any((labels <= lo + tol) | (labels >= hi - tol)))
+
+
+def _doubtful(res: _LMResult, emulator: Emulator, ccf: _CCFResult) -> bool:
+    """A fit worth checking against another template family."""
+    return _at_label_edge(emulator, res.p[:3]) or not res.converged or ccf.significance < _WEAK_CCF
+
+
+def _fine_rv(model: _VisitModel, p: np.ndarray, sigma_v: float) -> tuple[float, bool]:
+    """χ²(v) at fixed labels on 5 velocities within ±2σ (continuum re-solved at each)."""
+    half = 2.0 * max(sigma_v, 0.02)
+    vs = p[3] + np.linspace(-half, half, 5)
+    grid = model.grid_flux(p[:3], float(vs[0]), float(vs[-1]))
+    chi2 = np.array([model.solve_continuum(p[:3], float(v), grid)[1] for v in vs])
+    i = int(np.argmin(chi2))
+    if i == 0 or i == vs.size - 1:
+        return float(p[3]), True
+    coef = np.polyfit(vs[i - 1:i + 2] - vs[i], chi2[i - 1:i + 2], 2)
+    if coef[0] <= 0:
+        return float(vs[i]), False
+    return float(vs[i] - coef[1] / (2 * coef[0])), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The visit fit
+# ---------------------------------------------------------------------------------------------
+
+def _failed(prep_or_none: _Prepared | None, spectrum: Spectrum, flags: int, bc: float,
+            message: str, **extra: Any) -> VisitRV:
+    nan = math.nan
+    snr = prep_or_none.snr if prep_or_none is not None else nan
+    return VisitRV(vrel=nan, u_vrel=nan, teff=nan, u_teff=nan, logg=nan, u_logg=nan, fe_h=nan,
+                   u_fe_h=nan, chisq=nan, bc=bc, vhelio=nan, flags=int(flags), snr=snr,
+                   message=message, **extra)
+
+
+@dataclass
+class _VisitFit:
+    """Internal full state of a visit fit (used by :func:`fit_star`)."""
+
+    result: VisitRV
+    prep: _Prepared | None = None
+    model: _VisitModel | None = None
+    lm: _LMResult | None = None
+
+
+def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: float) -> _VisitFit:
+    prep = _prepare(spectrum, emulators, vrange)
+    bc, flags = _barycentric(spectrum, prep.flags)
+    if flags & DopplerFlag.LOW_GOOD_PIXELS:
+        return _VisitFit(_failed(prep, spectrum, flags, bc, prep.message), prep)
+
+    candidates = _ccf(prep, emulators, vrange)
+    ccf = candidates[0]
+    if ccf.edge:
+        flags |= DopplerFlag.CCF_EDGE
+        msg = (f"{prep.source}: correlation peak at {ccf.vrel:.1f} km/s is at the edge of the "
+               f"±{vrange:g} km/s search range")
+        return _VisitFit(_failed(prep, spectrum, flags, bc, msg, template=ccf.emulator.name,
+                                 n_pixels=prep.ln_wave.size), prep)
+    if ccf.significance < _NO_SIGNAL:
+        flags |= DopplerFlag.NO_SIGNAL
+        msg = (f"{prep.source}: no significant correlation with any template "
+               f"(peak significance {ccf.significance:.1f} < {_NO_SIGNAL:g})")
+        return _VisitFit(_failed(prep, spectrum, flags, bc, msg, template=ccf.emulator.name,
+                                 n_pixels=prep.ln_wave.size), prep)
+    # Fit the best template. Then also fit (a) templates whose CCF is almost as good but puts
+    # the star elsewhere (broad-lined hot stars can fool the coarse CCF), and (b) when the fit
+    # is doubtful, the best template of every other family; keep the lowest reduced χ².
+    fits: list[tuple[float, int, _VisitModel, _LMResult, np.ndarray, _CCFResult]] = []
+    tried: list[_CCFResult] = []
+    errors: list[str] = []
+
+    def attempt(cand: _CCFResult) -> None:
+        tried.append(cand)
+        try:
+            model, res, free = _fit_candidate(prep, emulators, cand, vrange)
+        except DopplerError as exc:
+            errors.append(str(exc))
+            return
+        dof = max(model.n_used - int(free.sum()), 1)
+        fits.append((res.chi2 / dof, len(fits), model, res, free, cand))
+
+    attempt(ccf)
+    v_first = fits[0][3].p[3] if fits else ccf.vrel
+    for cand in candidates[1:]:
+        if len(tried) >= _MAX_TEMPLATE_FITS or cand.chi2 - ccf.chi2 > _AMBIGUOUS_DCHI2:
+            break
+        far = abs(cand.vrel - v_first) > max(3.0 * (cand.sigma_v + ccf.sigma_v), 3.0)
+        if not cand.edge and far and all(abs(cand.vrel - t.vrel) > 3.0 for t in tried):
+            attempt(cand)
+    if not fits or _doubtful(fits[0][3], ccf.emulator, ccf):
+        # Other families' best templates, and the next coarse template of the same family
+        # (a different start in (Teff, logg) escapes a local minimum).
+        for em in emulators:
+            other = next((c for c in candidates if c.emulator is em and not c.edge), None)
+            # Only families whose templates correlate about as well as the best one.
+            if (other is not None and other.significance >= 0.5 * ccf.significance
+                    and all(t.emulator is not em for t in tried)):
+                attempt(other)
+        settled = any(not _doubtful(f[3], f[5].emulator, f[5]) for f in fits)
+        same = [c for c in candidates if c.emulator is ccf.emulator and not c.edge
+                and all(c is not t for t in tried)]
+        if same and not settled:
+            attempt(same[0])
+    if not fits:
+        flags |= DopplerFlag.FIT_FAILED
+        msg = f"{prep.source}: no template could be fitted ({'; '.join(errors)})"
+        return _VisitFit(_failed(prep, spectrum, flags, bc, msg, template=ccf.emulator.name), prep)
+    _, _, model, res, free, ccf = min(fits, key=lambda f: (f[0], f[1]))
+    if ccf.significance < _WEAK_CCF:
+        flags |= DopplerFlag.WEAK_CCF
+    # Rotation: broader lines than the templates' bias the labels and, with the asymmetric
+    # LSF, the velocity; find the broadening that lowers χ² and refit with it.
+    vsini = _broadening(model, res.p)
+    if vsini < _MIN_VSINI:
+        vsini = 0.0
+    else:
+        try:
+            broad = _VisitModel(prep, model.em, float(res.p[3]), vsini=vsini)
+            broad.reject(model.rejected)
+            lower, upper = _bounds(broad.em, broad.n_params, float(res.p[3]), vrange)
+            res_b = _levenberg_marquardt(broad.residuals, res.p, free, lower, upper)
+            if res_b.chi2 / max(broad.n_used, 1) < res.chi2 / max(model.n_used, 1):
+                model, res = broad, res_b
+            else:
+                vsini = 0.0
+        except DopplerError:
+            vsini = 0.0
+    emulator = model.em
+
+    n = model.n_used
+    dof = max(n - int(np.sum(free)), 1)
+    chisq = res.chi2 / dof
+    if not res.converged:
+        flags |= DopplerFlag.NOT_CONVERGED
+    if chisq > HIGH_CHISQ:
+        flags |= DopplerFlag.HIGH_CHISQ
+    if not np.all(np.isfinite(np.diag(res.cov)[:4])):
+        flags |= DopplerFlag.FIT_FAILED
+        return _VisitFit(_failed(prep, spectrum, flags, bc, f"{prep.source}: singular fit",
+                                 template=emulator.name), prep)
+    inflate = math.sqrt(max(chisq, 1.0))
+    err = np.sqrt(np.diag(res.cov)[:4]) * inflate
+    vrel, scan_edge = _fine_rv(model, res.p, float(err[3]))
+    err = np.hypot(err, _floor_vector(model.em))
+    if scan_edge:
+        flags |= DopplerFlag.RV_SCAN_EDGE
+    labels = res.p[:3]
+    if _at_label_edge(emulator, labels):
+        flags |= DopplerFlag.LABEL_AT_EDGE
+    result = VisitRV(
+        vrel=vrel, u_vrel=float(err[3]), teff=float(labels[0]), u_teff=float(err[0]),
+        logg=float(labels[1]), u_logg=float(err[1]), fe_h=float(labels[2]), u_fe_h=float(err[2]),
+        chisq=float(chisq), bc=bc, vhelio=vrel + bc, flags=int(flags), snr=prep.snr,
+        template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel), vsini=vsini,
+    )
+    return _VisitFit(result, prep, model, res)
+
+
+def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
+              vrange: float = 1000.0) -> VisitRV:
+    """Measure the radial velocity and coarse labels of one spectrum.
+
+    ``templates`` is one emulator or a list of them (e.g. both Synspec families, or Synspec and
+    generator-trained ones: the coarse CCF picks the family with the lower χ²). Problems with
+    the data (too few good pixels, masked chips, a correlation peak at the edge of ±``vrange``,
+    non-finite values) give a result with ``flags`` set and NaN for what could not be measured;
+    input that cannot be fitted at all (not a Spectrum, wavelengths outside the templates,
+    unsorted wavelengths) raises :class:`DopplerError`.
+    """
+    emulators = as_emulators(templates)
+    if not (np.isfinite(vrange) and vrange > 0):
+        raise DopplerError(f"vrange must be a positive number of km/s, got {vrange}")
+    return _fit_visit_state(spectrum, emulators, vrange).result

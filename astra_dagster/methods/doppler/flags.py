@@ -1,0 +1,60 @@
+"""Doppler's thresholds, its error and its result flags (:class:`DopplerFlag`)."""
+
+from __future__ import annotations
+
+import enum
+
+#: Fewest usable pixels for a fit; fewer gives a flagged NaN result.
+MIN_GOOD_PIXELS = 500
+#: A chip with fewer usable pixels than this is left out (and flagged).
+MIN_CHIP_PIXELS = 100
+#: Order of the per-chip continuum polynomial fitted jointly with the labels.
+CONTINUUM_ORDER = 3
+#: Residuals beyond this many σ are masked after the first joint fit.
+CLIP_SIGMA = 5.0
+#: Reduced χ² above this is flagged.
+HIGH_CHISQ = 10.0
+#: CCF peak significance (√Δχ² against a flat spectrum) below which the result is flagged
+#: WEAK_CCF, and below which nothing is measured (NO_SIGNAL; pure noise reaches ~4).
+_WEAK_CCF = 12.0
+_NO_SIGNAL = 6.0
+#: Coarse templates within this CCF χ² of the best one that place the star at a different
+#: velocity are fitted too (at most _MAX_TEMPLATE_FITS fits per spectrum).
+_AMBIGUOUS_DCHI2 = 100.0
+_MAX_TEMPLATE_FITS = 3
+#: APOGEE chip boundaries (Å, vacuum): the middles of the two detector gaps.
+APOGEE_CHIP_EDGES = (15833.0, 16454.0)
+
+
+class DopplerError(RuntimeError):
+    """The input cannot be fitted at all (wrong templates, malformed spectrum, ...)."""
+
+
+class DopplerFlag(enum.IntFlag):
+    """Bits of :attr:`VisitRV.flags`; ``FATAL`` bits mean the RV could not be measured."""
+
+    LOW_GOOD_PIXELS = 1 << 0      # fewer than MIN_GOOD_PIXELS usable pixels: nothing measured
+    CHIP_MASKED = 1 << 1          # at least one chip had no usable pixels and was left out
+    CCF_EDGE = 1 << 2             # the correlation peak is at the edge of the search range
+    NONFINITE_INPUT = 1 << 3      # NaN/inf flux or ivar were present (masked)
+    LABEL_AT_EDGE = 1 << 4        # a label sits at its template range limit
+    NOT_CONVERGED = 1 << 5        # the joint fit hit its iteration limit
+    HIGH_CHISQ = 1 << 6           # reduced χ² > HIGH_CHISQ
+    BC_COMPUTED = 1 << 7          # bc was computed with astropy (no bc in the metadata)
+    NO_BC = 1 << 8                # bc unknown: vhelio is NaN
+    REST_FRAME = 1 << 9           # rest-frame input: vrel is the residual shift, bc = 0
+    WEAK_CCF = 1 << 10            # the correlation peak is not significant
+    FIT_FAILED = 1 << 11          # the least-squares problem was singular: nothing measured
+    RV_SCAN_EDGE = 1 << 12        # fine χ²(v) scan minimum at its edge (v from the joint fit)
+    NO_SIGNAL = 1 << 13           # no significant correlation peak (noise only): nothing measured
+    NO_GOOD_VISITS = 1 << 14      # fit_star: no visit gave a velocity
+
+
+#: Flags that leave the velocity unmeasured (NaN).
+FATAL_FLAGS = (DopplerFlag.LOW_GOOD_PIXELS | DopplerFlag.CCF_EDGE | DopplerFlag.FIT_FAILED
+               | DopplerFlag.NO_SIGNAL | DopplerFlag.NO_GOOD_VISITS)
+
+
+def flag_names(flags: int) -> list[str]:
+    """Names of the bits set in ``flags``."""
+    return [f.name for f in DopplerFlag if flags & f and f.name]
