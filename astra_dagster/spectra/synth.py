@@ -517,14 +517,21 @@ class _Grid:
         return C_KMS * _LN10 * self.step
 
 
-@lru_cache(maxsize=4)
-def _grid(step: float, aligned: bool) -> _Grid:
-    lines = _line_list()
+def grid_geometry(step: float, aligned: bool) -> tuple[float, int, int]:
+    """The internal log-λ grid over :data:`GRID_RANGE`: (log10 of the first pixel, number of
+    pixels, FFT length with zero padding against wrap-around)."""
     lo, hi = math.log10(GRID_RANGE[0]), math.log10(GRID_RANGE[1])
     # aligned: same phase as the apStar grid, so apStar pixels are internal pixels
     start = APSTAR_CRVAL1 - math.ceil((APSTAR_CRVAL1 - lo) / step) * step if aligned else lo
     n_data = math.ceil((hi - start) / step) + 1
     n_fft = sfft.next_fast_len(n_data + 256, real=True)
+    return start, n_data, n_fft
+
+
+@lru_cache(maxsize=4)
+def _grid(step: float, aligned: bool) -> _Grid:
+    lines = _line_list()
+    start, n_data, n_fft = grid_geometry(step, aligned)
     freq = np.fft.rfftfreq(n_fft)
     idx, frac, keep = [], [], []
     for a, b in lines.group_slices:
@@ -789,25 +796,42 @@ def _render(lab: dict[str, float], settings: SynthesisSettings, resolution: floa
         for i in np.flatnonzero(w_br > 1e-4):
             hat += (w_br[i] / dv) * grid.br_phase[i] * np.exp(-2.0 * np.pi * stark[i] / dv * freq)
         flux *= 1.0 - _DEPTH_HYDROGEN * (1.0 - np.exp(-sfft.irfft(hat * core, grid.n_fft)))
-    # Everything that acts on the emergent spectrum in velocity space, in one multiply.
-    sigma2 = (lab["vmacro"] / math.sqrt(2.0) / dv) ** 2
+    transfer = broadening_transfer(freq, dv, grid.n_fft, settings, resolution, vmacro=lab["vmacro"],
+                                   vsini=lab["vsini"], pixel_px=pixel_px, shift_px=shift_px)
+    out = sfft.irfft(sfft.rfft(flux - 1.0) * transfer, grid.n_fft) + 1.0
+    return out, grid
+
+
+def broadening_transfer(freq: np.ndarray, kms_per_px: float, n_fft: int, settings: SynthesisSettings,
+                        resolution: float, *, vmacro: float, vsini: float, pixel_px: float = 0.0,
+                        shift_px: float = 0.0) -> np.ndarray:
+    """Fourier transfer function of everything that acts on the emergent spectrum in velocity
+    space, for one multiply: Gaussian macroturbulence, the LSF at ``resolution`` (Gaussian, or
+    Gauss-Hermite with ``settings.lsf_h3/h4``), rotation, the detector pixel box of
+    ``pixel_px`` internal pixels and a shift of ``shift_px`` internal pixels.
+
+    ``freq`` are the rfft frequencies (cycles per pixel) of an ``n_fft``-point FFT of a log-λ
+    grid with ``kms_per_px``. Shared by this generator and :mod:`astra_dagster.spectra.physical`,
+    so both instruments are the same.
+    """
+    dv = kms_per_px
+    sigma2 = (vmacro / math.sqrt(2.0) / dv) ** 2
     sigma_lsf = C_KMS / resolution / (2.0 * math.sqrt(2.0 * math.log(2.0))) / dv
     kernel_hat = None
     if settings.lsf_h3 or settings.lsf_h4:
-        kernel_hat = sfft.rfft(_gauss_hermite_kernel(sigma_lsf, settings.lsf_h3, settings.lsf_h4, grid.n_fft))
+        kernel_hat = sfft.rfft(_gauss_hermite_kernel(sigma_lsf, settings.lsf_h3, settings.lsf_h4, n_fft))
     else:
         sigma2 += sigma_lsf**2
     transfer = np.exp(-2.0 * np.pi**2 * sigma2 * freq**2)
     if kernel_hat is not None:
         transfer = transfer * kernel_hat
-    if lab["vsini"] * 2.0 > dv:
-        transfer = transfer * sfft.rfft(_rotation_kernel(lab["vsini"], dv, grid.n_fft))
+    if vsini * 2.0 > dv:
+        transfer = transfer * sfft.rfft(_rotation_kernel(vsini, dv, n_fft))
     if pixel_px > 1.0:
         transfer = transfer * np.sinc(freq * pixel_px)
     if shift_px:
         transfer = transfer * np.exp(-2j * np.pi * freq * shift_px)
-    out = sfft.irfft(sfft.rfft(flux - 1.0) * transfer, grid.n_fft) + 1.0
-    return out, grid
+    return transfer
 
 
 def _sample(values: np.ndarray, x: np.ndarray) -> np.ndarray:
