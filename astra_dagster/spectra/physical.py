@@ -148,7 +148,7 @@ def _exponents(terms: list[list[tuple[int, float]]], n_labels: int) -> np.ndarra
 
 
 def _convert(family: str, data: dict) -> dict[str, np.ndarray]:
-    from astra_dagster.methods.emulator import air_to_vacuum
+    from astra_dagster.methods.doppler.emulator import air_to_vacuum
 
     disp = np.asarray(data["dispersion"], dtype=float)
     vac = disp if bool(data.get("wavevac", False)) else air_to_vacuum(disp)
@@ -193,7 +193,7 @@ def load_family(family: str) -> TemplateFamily:
         except (OSError, ValueError):
             arrays = None  # a damaged cache file is rebuilt
     if arrays is None:
-        from astra_dagster.methods.emulator import read_cannon_pickle
+        from astra_dagster.methods.doppler.emulator import read_cannon_pickle
         from astra_dagster.spectra.realdata import THEDOPPLER, extract
 
         arrays = _convert(family, read_cannon_pickle(extract(*THEDOPPLER, _MEMBER.format(family=family))))
