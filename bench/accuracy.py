@@ -19,8 +19,9 @@ has ``crb_rms``, the rms of the visits' Cramér–Rao bounds computed from the g
 spectra (the rms no method can beat on those visits), ``rms_over_crb``, ``crb_n_eff`` (how
 many visits that σ_CRB²-weighted ratio rests on) and ``z_crb`` (rms, robust spread and largest
 |Δ/σ_CRB|, every visit weighted alike); the JSON then also has ``targets``, the RV targets of
-issue #10 with their verdicts (printed as PASS/FAIL lines). ``--worst N`` prints the N worst
-spectra with their true (also hidden) labels.
+issue #10 with their verdicts (printed as PASS/FAIL lines). ``speed_target`` is the method's
+speed limit from methods.md §6 and its verdict (a PASS/FAIL line too: the tests assert no speed).
+``--worst N`` prints the N worst spectra with their true (also hidden) labels.
 
 Set OMP_NUM_THREADS=1 (the script does by default) so one core does one spectrum.
 """
@@ -54,6 +55,8 @@ class Method:
     compare: Callable[[list[dict], dict, dict], tuple[dict, dict, dict, list, list, list, list]]
     #: Flag bits that do not make a result unusable (left out of the "unflagged" selection).
     informational: int = 0
+    #: The method's speed target, seconds of science time per spectrum on one core (methods.md §6).
+    speed_target_s: float | None = None
 
 
 def _doppler_visits(rows: list[dict], visits: dict) -> Iterator[tuple[dict, int, dict]]:
@@ -215,14 +218,16 @@ _MAIN = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m"}
 
 METHODS: dict[str, Method] = {
     # Bits 3, 7, 9: non-finite pixels were masked, bc computed, rest-frame input (all benign).
-    "doppler": Method("doppler", "doppler", _doppler, informational=(1 << 3) | (1 << 7) | (1 << 9)),
-    "thecannon": Method("thecannon", "thecannon", _labels(_MAIN)),
+    "doppler": Method("doppler", "doppler", _doppler, informational=(1 << 3) | (1 << 7) | (1 << 9),
+                      speed_target_s=0.050),
+    "thecannon": Method("thecannon", "thecannon", _labels(_MAIN), speed_target_s=0.010),
     "thepayne": Method("thepayne", "thepayne", _labels({**_MAIN, "v_turb": "vmicro", "c_h": "c_h", "n_h": "n_h",
-                                                        "rv": "rv_zero"})),
+                                                        "rv": "rv_zero"}), speed_target_s=0.1),
     "ferre": Method("ferre", "ferre", _labels({"teff": "teff", "logg": "logg", "metals": "fe_h",
-                                               "o_mg_si_s_ca_ti": "alpha_m"}, relative_teff=True)),
+                                               "o_mg_si_s_ca_ti": "alpha_m"}, relative_teff=True),
+                    speed_target_s=0.5),
     "apogeenet": Method("apogeenet", "apogeenet", _labels({"teff": "teff", "logg": "logg", "fe_h": "fe_h"},
-                                                          relative_teff=True)),
+                                                          relative_teff=True), speed_target_s=0.005),
 }
 
 
@@ -387,12 +392,20 @@ def main() -> None:
             print_worst(args.worst, truth, est, snr, kinds, flags, ids, stars)
         per_spectrum = science_s / max(len(snr), 1)
         print(f"{per_spectrum * 1000:.1f} ms per spectrum ({len(snr)} spectra, {len(rows)} sources)")
+        speed = None
+        if method.speed_target_s is not None:
+            # The speed limits live here, not in the tests (a busy machine fails a wall-clock assert).
+            speed = {"seconds_per_spectrum_max": method.speed_target_s, "pass": per_spectrum <= method.speed_target_s}
+            print(f"{'PASS' if speed['pass'] else 'FAIL'}: speed {per_spectrum * 1000:.1f} ms per spectrum "
+                  f"(<= {method.speed_target_s * 1000:g})")
         report: dict[str, Any] = {"method": args.method, "seed": args.seed, "sources": args.sources,
                                   "seconds_per_spectrum": round(per_spectrum, 5), "bins": bins,
                                   "pooled": pooled, "by_kind": by_kind, "unflagged": report_sets.get("unflagged"),
                                   "unflagged_pooled": report_sets.get("unflagged, pooled")}
         if targets is not None:
             report["targets"] = targets
+        if speed is not None:
+            report["speed_target"] = speed
     finally:
         close_pools()
         stop_server(home)
