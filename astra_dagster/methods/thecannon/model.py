@@ -335,7 +335,8 @@ class CannonModel:
             self._check_size(sel.size, where)
             pieces.append(self._train_piece(F[sel], IV[sel], L[sel], core, where))
             piece = pieces[-1]
-            report(f"region {r + 1}/{n_regions} ({where}): {sel.size} spectra, "
+            bounds = "all labels" if self.regions is None else _bounds_text(self.regions[r])
+            report(f"region {r + 1}/{n_regions} ({bounds}): {sel.size} spectra, "
                    f"{int(piece.pixel_ok.sum())} pixels, median s² {_median_finite(piece.s2):.2e}")
         self.pieces = pieces
         self.fiducials, self.scales, self.training_labels = fiducials, scales, L.copy()
@@ -701,6 +702,17 @@ def _best_attempt(attempts: list[dict[str, np.ndarray]]) -> np.ndarray:
     finite = np.isfinite(noise)
     score = np.where(finite, noise, np.inf) + np.where(in_core | ~finite, 0.0, 1e300)
     return np.argmin(np.where(finite, score, np.inf), axis=0)
+
+
+def _bounds_text(region: Mapping[str, Any]) -> str:
+    """``{"teff": (None, 4300)}`` as ``teff < 4300`` (for progress lines)."""
+    parts = []
+    for name, (lo, hi) in region.items():
+        if lo is None and hi is None:
+            continue
+        parts.append(f"{name} < {hi:g}" if lo is None else f"{name} >= {lo:g}" if hi is None
+                     else f"{lo:g} <= {name} < {hi:g}")
+    return ", ".join(parts) or "all labels"
 
 
 def _median_finite(values: np.ndarray) -> float:

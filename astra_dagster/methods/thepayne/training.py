@@ -253,18 +253,19 @@ def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAU
         report = reporter(progress, "thepayne")
         report(f"emulator trained (held-out rms {model.meta['heldout_rms']:.2e}, best epoch "
                f"{model.meta['best_epoch']}); calibrating the error floor on {n_calibration} stars")
-        calibrate_floor(model, n_calibration, seed=seed + 7919, kinds=tuple(k for k in kind_list if k != "yso"))
-        report("error floor calibrated")
+        calibrate_floor(model, n_calibration, seed=seed + 7919, kinds=tuple(k for k in kind_list if k != "yso"),
+                        progress=progress)
     model.meta["training_seconds"] = round(time.perf_counter() - t0, 2)
     return model
 
 
-def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str] = ("giant", "dwarf")) -> None:
+def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str] = ("giant", "dwarf"),
+                    progress: Progress | None = None) -> None:
     """Set ``model.label_floor``: the robust σ (1.4826 MAD) of the label errors of ``n`` noiseless
     training-style stars whose hidden labels (vmicro, vmacro, vsini, [C/Fe], [N/Fe]) scatter about
     their relations — the model-mismatch part of the error that JᵀWJ does not see. It is added in
     quadrature to the formal uncertainties. Data with other mismatches (LSF) will still have
-    pulls above 1."""
+    pulls above 1. ``progress``: a line every 30 fits."""
     from dataclasses import replace
 
     from astra_dagster.spectra import synth
@@ -275,11 +276,14 @@ def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str
     flux, ivar, cflags = continuum.normalize_arrays(ts.wavelength, ts.flux[keep], ts.ivar[keep], return_flags=True)
     truth = ts.label_array(model.label_names)[keep]
     floor_before = model.label_floor
+    report = reporter(progress, "thepayne")
     model.label_floor = np.zeros(model.n_labels)
     est = np.full(truth.shape, np.nan)
     for i in range(keep.size):
         row = fit_normalized(model, flux[i], ivar[i], continuum_flags=int(cflags[i]))
         est[i] = row_labels(model, row)
+        if (i + 1) % 30 == 0 or i + 1 == keep.size:
+            report(f"error floor: {i + 1}/{keep.size} calibration stars fitted")
     ok = np.all(np.isfinite(est), axis=1)
     if ok.sum() < 10:
         model.label_floor = floor_before
