@@ -15,7 +15,7 @@ from astra_dagster.definitions import defs
 from astra_dagster.defs.sensors import release_sensor
 from astra_dagster.defs.spectra import spectra
 from astra_dagster.orchestration.planned_runs import run_planned
-from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
+from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases, read_cursor
 from astra_dagster.spectra.manifest import ReleaseSource, file_entry, write_manifest
 from astra_dagster_tests import fixtures_bad_fits as fx
 
@@ -152,8 +152,8 @@ def test_release_sensor_requests_range_runs(instance: dg.DagsterInstance, tmp_pa
     assert result.run_requests[0].tags["dagster/asset_partition_range_end"] == "00000005-00000008"
     assert result.run_requests[0].run_key.startswith("r1:")
     assert result.dynamic_partitions_requests[0].partition_keys == ["00000001-00000004", "00000005-00000008"]
-    cursor = json.loads(result.cursor)
-    assert list(cursor) == ["r1"]
+    releases, waiting = read_cursor(result.cursor)
+    assert list(releases) == ["r1"] and waiting == []
     # A release without manifest is not read; a new tick with the same cursor plans nothing.
     shutil.copytree(data_root / "r1", data_root / "r2")
     (data_root / "r2" / "manifest.json").unlink()

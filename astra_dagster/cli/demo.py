@@ -88,7 +88,7 @@ def release_example(echo: Echo) -> None:
     from astra_dagster.defs.sensors import release_assets
     from astra_dagster.orchestration.build import load_definitions
     from astra_dagster.orchestration.instance import get_instance
-    from astra_dagster.orchestration.planned_runs import ensure_models, run_planned
+    from astra_dagster.orchestration.planned_runs import run_release
     from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, PlannedRun, plan_new_releases
     from astra_dagster.settings import get_settings
     from astra_dagster.spectra.manifest import MANIFEST_NAME
@@ -124,11 +124,12 @@ def release_example(echo: Echo) -> None:
              f"{len(reg.changed_pks)} new or changed, {len(plan.new_partition_keys)} new partitions")
     assets = release_assets(settings.release_assets)
     demo_models = {"ops": {name: {"config": config} for name, config in DEMO_MODELS.items()}}
-    trained = ensure_models(defs, assets, instance=instance, run_config=demo_models)
-    if trained:
-        echo(f"  trained {', '.join(trained)}")
     failed = False
-    for outcome in run_planned(defs, runs, assets, instance=instance):
+    # spectra first, then each method as soon as its model is trained (as the sensor orders it)
+    for outcome in run_release(defs, runs, assets, instance=instance, run_config=demo_models):
+        if isinstance(outcome, str):
+            echo(f"  {outcome}")
+            continue
         for c in outcome.counts:
             echo(f"  {c.asset} over {outcome.run.first}...{outcome.run.last}: {c.computed} computed, "
                  f"{c.skipped} skipped, {c.failed} failed")

@@ -230,7 +230,7 @@ def release_register(directory: Path, run: bool) -> None:
     from astra_dagster.defs.sensors import release_assets
     from astra_dagster.orchestration.build import load_definitions
     from astra_dagster.orchestration.instance import get_instance
-    from astra_dagster.orchestration.planned_runs import ensure_models, run_planned
+    from astra_dagster.orchestration.planned_runs import run_release
     from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
     from astra_dagster.spectra.manifest import MANIFEST_NAME
 
@@ -253,9 +253,10 @@ def release_register(directory: Path, run: bool) -> None:
     if run:
         assets = release_assets(settings.release_assets)
         defs = load_definitions()
-        for name in ensure_models(defs, assets, instance=instance):
-            click.echo(f"trained {name}")
-        for outcome in run_planned(defs, plan.runs, assets, instance=instance):
+        for outcome in run_release(defs, plan.runs, assets, instance=instance):
+            if isinstance(outcome, str):
+                click.echo(outcome)
+                continue
             counts = ", ".join(f"{c.asset}: {c.computed} computed, {c.skipped} skipped, {c.failed} failed"
                                for c in outcome.counts)
             click.echo(f"  {outcome.run.first}...{outcome.run.last}: "

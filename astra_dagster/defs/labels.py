@@ -10,7 +10,8 @@ Every label method has the same shape, so one pair of factories builds the asset
   new tasks). It fits the first combined row of every apStar file of the source and writes one
   row of arrays to the method's table, one element per apStar stack (ordered by telescope).
 
-The science lives in ``astra_dagster.methods.<module>``: ``train_model(**options)`` and
+The science lives in ``astra_dagster.methods.<module>``: ``train_model(**options, progress=...)``
+(``progress`` gets the training's progress lines; the model assets pass ``context.log.info``) and
 ``fit_spectra(model, spectra)`` returning one dict of table columns per spectrum.
 """
 
@@ -45,21 +46,24 @@ def training_options(config: AstraConfig) -> dict[str, Any]:
     return {k: v for k, v in config.model_dump().items() if k not in AstraConfig.model_fields}
 
 
-def _train(module: str, config: AstraConfig) -> dict[str, Any]:
-    model = _method(module).train_model(**training_options(config))
+def _train(module: str, config: AstraConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    # progress is not a Config field: it reaches the run's log and never the task's identity
+    model = _method(module).train_model(**training_options(config), progress=progress)
     return {"model": model, **model.summary()}
 
 
 def model_asset(name: str, module: str, config_class: type[AstraConfig], description: str) -> dg.AssetsDefinition:
     """An unpartitioned asset training ``astra_dagster.methods.<module>.train_model`` with the
-    Config's fields as keyword arguments."""
+    Config's fields as keyword arguments; its progress lines (per epoch, grid chunk, region) go
+    to the run's log."""
 
     def compute(context: dg.AssetExecutionContext, config: config_class) -> TaskBatch:  # type: ignore[valid-type]
         from astra_dagster.spectra import synth
 
         # The generator version is a parameter: a changed generator makes a new model task.
         item = TaskItem(params={"generator_version": synth.GENERATOR_VERSION})
-        return run_tasks(context, config, [item], lambda _: _train(module, config), table="model", batch=False)
+        return run_tasks(context, config, [item], lambda _: _train(module, config, context.log.info),
+                         table="model", batch=False)
 
     return dg.asset(
         name=name,

@@ -15,6 +15,7 @@ from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
 from astra_dagster.methods.doppler import Emulator, fit_star, load_templates, train_generator_emulators
+from astra_dagster.methods.progress import Progress
 from astra_dagster.spectra.apogee import read_apvisit
 
 
@@ -53,10 +54,10 @@ class DopplerTemplates(AstraConfig):
     seed: int = Field(default=271828, description="Seed of the independent training grid.")
 
 
-def _templates(config: DopplerTemplates) -> dict[str, Any]:
+def _templates(config: DopplerTemplates, progress: Progress | None = None) -> dict[str, Any]:
     generator = None
     if config.kind in ("generator", "auto"):
-        generator = train_generator_emulators(config.n_train, config.n_hot, config.seed)
+        generator = train_generator_emulators(config.n_train, config.n_hot, config.seed, progress=progress)
     emulators = load_templates(config.kind, generator=generator)
     return {"model": TemplateSet(emulators), "families": [e.name for e in emulators]}
 
@@ -72,7 +73,7 @@ def doppler_templates(context: dg.AssetExecutionContext, config: DopplerTemplate
     from astra_dagster.spectra import synth
 
     return run_tasks(context, config, [TaskItem(params={"generator_version": synth.GENERATOR_VERSION})],
-                     lambda _: _templates(config), table="model", batch=False)
+                     lambda _: _templates(config, context.log.info), table="model", batch=False)
 
 
 class EstimateRadialVelocity(SourceTaskConfig):

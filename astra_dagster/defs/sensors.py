@@ -5,11 +5,13 @@ import dagster as dg
 from astra_dagster.defs.labels import LABEL_ASSETS
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
 from astra_dagster.defs.spectra import spectra
-from astra_dagster.releases.plan import plan_new_releases, sensor_result
+from astra_dagster.orchestration.instance import TRAINING_TAG
+from astra_dagster.releases.plan import WaitingRun, plan_new_releases, read_cursor, sensor_result
 from astra_dagster.settings import get_settings
 
 #: Per-source assets a new release runs (one range run per chunk of blocks), in order, with the
-#: unpartitioned models each reads: those are materialised (once) before any range run.
+#: unpartitioned models each reads: a range run takes the assets whose models exist; the others
+#: wait (in the cursor) for their model, which trains in a run of its own meanwhile.
 RELEASE_ASSETS: dict[dg.AssetKey, list[dg.AssetKey]] = {
     spectra.key: [],
     doppler.key: [doppler_templates.key],
@@ -33,13 +35,52 @@ def missing_models(instance: dg.DagsterInstance, assets: list[dg.AssetKey]) -> l
     return [key for key in needed if instance.get_latest_materialization_event(key) is None]
 
 
+def training_requests(missing: list[dg.AssetKey]) -> list[dg.RunRequest]:
+    """One run per missing model, so models train concurrently (up to the queue's limit for
+    TRAINING_TAG) and each label asset starts as soon as its own model exists. Lower priority:
+    the queue starts range runs first. The run key makes later ticks' requests no-ops; a failed
+    training is not retried (materialise the model by hand, the waiting runs then start)."""
+    return [dg.RunRequest(run_key=f"model:{key.to_user_string()}", asset_selection=[key],
+                          tags={TRAINING_TAG: key.to_user_string(), "dagster/priority": "-1"})
+            for key in missing]
+
+
+def due_runs(instance: dg.DagsterInstance, waiting: list[WaitingRun]
+             ) -> tuple[list[dg.RunRequest], list[WaitingRun]]:
+    """(requests for the waiting runs whose models now exist and whose ``after`` run has finished,
+    the runs still waiting)."""
+    materialised: dict[str, bool] = {}
+
+    def has_model(name: str) -> bool:
+        if name not in materialised:
+            key = dg.AssetKey.from_user_string(name)
+            materialised[name] = instance.get_latest_materialization_event(key) is not None
+        return materialised[name]
+
+    def finished(run_key: str | None) -> bool:
+        if run_key is None:
+            return True
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
+        return bool(runs) and runs[0].is_finished
+
+    due, still = [], []
+    for run in waiting:
+        if all(has_model(m) for m in run.models) and finished(run.after):
+            due.append(dg.RunRequest(run_key=run.run_key, tags=run.tags,
+                                     asset_selection=[dg.AssetKey.from_user_string(a) for a in run.assets]))
+        else:
+            still.append(run)
+    return due, still
+
+
 @dg.sensor(
     name="release_sensor",
     asset_selection=list(RELEASE_ASSETS) + [m for models in RELEASE_ASSETS.values() for m in models],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Registers complete data releases found under ASTRA_DATA_ROOT and requests runs "
-    "for the blocks of their new or changed sources (training missing models first).",
+    "for the blocks of their new or changed sources; missing models train in runs of their own "
+    "meanwhile, and the assets that read them run once they exist.",
 )
 def release_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     settings = get_settings()
@@ -47,15 +88,14 @@ def release_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.
         return dg.SkipReason("ASTRA_DATA_ROOT is not set")
     assets = release_assets(settings.release_assets)
     missing = missing_models(context.instance, assets)
-    if missing:
-        # Releases wait (the cursor does not move) until the models their assets read exist.
-        names = ",".join(k.to_user_string() for k in missing)
-        return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"models:{names}", asset_selection=missing)])
-    plan = plan_new_releases(context.instance, settings.data_root, context.cursor,
+    releases, waiting = read_cursor(context.cursor)
+    due, waiting = due_runs(context.instance, waiting)
+    plan = plan_new_releases(context.instance, settings.data_root, releases,
                              block_size=settings.sources_per_partition)
     for error in plan.errors:
         context.log.error(error)
     for reg in plan.registrations:
         context.log.info(f"release {reg.release}: {len(reg.source_pks)} sources, "
                          f"{len(reg.new_pks)} new, {len(reg.changed_pks)} new or changed")
-    return sensor_result(plan, assets)
+    return sensor_result(plan, assets, models_of=RELEASE_ASSETS, missing=missing, waiting=waiting,
+                         extra_requests=due + training_requests(missing))

@@ -14,6 +14,13 @@ import yaml
 
 from astra_dagster.settings import Settings, get_settings
 
+#: Runs the daemon's queue starts at once.
+MAX_CONCURRENT_RUNS = 4
+#: Tag of the release sensor's model-training runs (one run per model).
+TRAINING_TAG = "astra/training"
+#: At most this many training runs at once: one queue slot always stays free for range runs.
+MAX_TRAINING_RUNS = MAX_CONCURRENT_RUNS - 1
+
 
 def dagster_yaml(settings: Settings) -> dict:
     """The instance configuration ``astra init`` writes."""
@@ -32,7 +39,8 @@ def dagster_yaml(settings: Settings) -> dict:
                 "config": storage_config,
             }
         },
-        "run_queue": {"max_concurrent_runs": 4},
+        "run_queue": {"max_concurrent_runs": MAX_CONCURRENT_RUNS,
+                      "tag_concurrency_limits": [{"key": TRAINING_TAG, "limit": MAX_TRAINING_RUNS}]},
         "telemetry": {"enabled": False},
         "nux": {"enabled": False},
     }

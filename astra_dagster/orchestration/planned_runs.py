@@ -3,13 +3,13 @@ the sensor hands the same plans to the daemon instead."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
 
 from astra_dagster.orchestration.build import materialize_assets
-from astra_dagster.releases.plan import PlannedRun
+from astra_dagster.releases.plan import PlannedRun, split_by_models
 
 
 @dataclass(frozen=True)
@@ -97,3 +97,33 @@ def ensure_models(
             raise RuntimeError(f"training {', '.join(k.to_user_string() for k in missing)} failed "
                                f"(Dagster run {result.run_id})")
     return [k.to_user_string() for k in missing]
+
+
+def run_release(
+    defs: dg.Definitions,
+    runs: Sequence[PlannedRun],
+    asset_keys: Sequence[dg.AssetKey],
+    *,
+    instance: dg.DagsterInstance,
+    run_config: dict | None = None,
+) -> Iterator[str | RunOutcome]:
+    """The planned runs in this process, in the release sensor's order: first the assets whose
+    models exist (``spectra`` needs none), then per missing model (doppler's templates first)
+    its training and its assets over the same ranges. So the first results never wait for
+    unrelated training. Yields a line before each training and each run's :class:`RunOutcome`;
+    raises RuntimeError when a training fails (the earlier results are written)."""
+    from astra_dagster.defs.sensors import RELEASE_ASSETS, missing_models
+
+    now, waiting = split_by_models(list(asset_keys), RELEASE_ASSETS, missing_models(instance, list(asset_keys)))
+    if now:
+        yield from _each_run(defs, runs, now, instance)
+    for models, keys in waiting.items():
+        yield f"training {', '.join(m.to_user_string() for m in models)} (progress in the run's log)"
+        ensure_models(defs, keys, instance=instance, run_config=run_config)
+        yield from _each_run(defs, runs, keys, instance)
+
+
+def _each_run(defs: dg.Definitions, runs: Sequence[PlannedRun], keys: Sequence[dg.AssetKey],
+              instance: dg.DagsterInstance) -> Iterator[RunOutcome]:
+    for run in runs:
+        yield from run_planned(defs, [run], keys, instance=instance)

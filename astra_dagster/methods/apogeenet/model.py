@@ -32,6 +32,7 @@ from astra_dagster.methods.apogeenet.preprocess import (
 )
 from astra_dagster.methods.apogeenet.results import ApogeeNetResult
 from astra_dagster.methods.modelfile import write_arrays
+from astra_dagster.methods.progress import reporter
 
 #: Version of the weight-file layout (checked by :meth:`ApogeeNet.read`).
 FILE_FORMAT = "astra-apogeenet/1"
@@ -173,9 +174,11 @@ class ApogeeNet:
         ``None`` uses the flux as given. The learning rate decays by cosine over ``epochs``;
         training stops early when the validation loss has not improved for ``patience`` epochs
         (or after ``max_seconds``) and the best weights are kept. Then the error floor is fitted
-        on the validation split.
+        on the validation split. ``log`` (a progress callback) gets a line per epoch: losses,
+        best epoch, elapsed seconds.
         """
         t_start = time.perf_counter()
+        log_line = reporter(log, "apogeenet")
         flux, ivar, pixel_flags = _check_arrays(flux, ivar, pixel_flags)
         n = flux.shape[0]
         if epochs < 1 or batch_size < 1:
@@ -250,17 +253,19 @@ class ApogeeNet:
             report.epochs_run = epoch
             if val < best[0]:
                 best = (val, {k: v.copy() for k, v in self.net.params.items()}, epoch)
-            if log is not None:
-                log(f"epoch {epoch}: train {report.train_loss[-1]:.4f} val {val:.4f} "
-                    f"({time.perf_counter() - t_start:.0f} s)")
+            log_line(f"epoch {epoch}/{epochs}: train loss {report.train_loss[-1]:.4f}, validation loss "
+                     f"{val:.4f} (best {best[0]:.4f} at epoch {best[2]})")
             if epoch - best[2] >= patience:
+                log_line(f"early stop: no validation improvement for {patience} epochs")
                 break
             if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                log_line(f"stopping after max_seconds={max_seconds:g}")
                 break
         self.net.params = best[1]
         report.best_epoch = best[2]
         self.trained = True
         self.report = report
+        log_line(f"fitting the error floor on {val_idx.size} validation spectra")
         self._fit_error_floor(flux[val_idx], ivar[val_idx], good[val_idx], y_raw[val_idx], val_rng, augmentation)
         report.seconds = time.perf_counter() - t_start
         return self

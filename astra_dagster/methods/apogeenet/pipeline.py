@@ -15,6 +15,7 @@ import numpy as np
 from astra_dagster.methods.apogeenet.flags import ApogeeNetError
 from astra_dagster.methods.apogeenet.model import MIN_TRAINING_SPECTRA, ApogeeNet
 from astra_dagster.methods.apogeenet.network import DEFAULT_HIDDEN
+from astra_dagster.methods.progress import Progress, reporter
 from astra_dagster.spectra.spectrum import APSTAR_NPIX, Spectrum
 
 #: Share of each generator population in the default training set. The survey mix has only
@@ -33,7 +34,8 @@ FULL_TRAINING: dict[str, Any] = {"n_spectra": 12000, "epochs": 60}
 
 
 def make_training_spectra(n: int, seed: int, *, mix: Mapping[str, float] | None = None,
-                          settings: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                          settings: Any = None, progress: Progress | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Noiseless apStar-like training spectra: (flux (n, 8575), ivar, labels).
 
     Drawn from the generator's populations in proportions ``mix`` (default :data:`DEFAULT_MIX`)
@@ -43,6 +45,7 @@ def make_training_spectra(n: int, seed: int, *, mix: Mapping[str, float] | None 
     continuum (as the raw apStar flux has it); throughput and noise are added per epoch by
     :meth:`ApogeeNet.train`. ``ivar`` is 1 on the chips, 0 in the gaps. ``labels`` holds every
     generator label (teff, logg, fe_h, alpha_m and the hidden ones) plus ``kind``.
+    ``progress``: a line per population generated.
     """
     from astra_dagster.spectra import synth
 
@@ -59,6 +62,8 @@ def make_training_spectra(n: int, seed: int, *, mix: Mapping[str, float] | None 
     if settings is None:
         settings = dataclasses.replace(synth.TRAINING_SETTINGS, name="training-varied", vary_hidden=True)
     fluxes, ivars, labels = [], [], []
+    report = reporter(progress, "apogeenet")
+    done = 0
     for i, (pop, count) in enumerate(zip(names, counts, strict=True)):
         if count == 0:
             continue
@@ -68,6 +73,8 @@ def make_training_spectra(n: int, seed: int, *, mix: Mapping[str, float] | None 
         fluxes.append((ts.flux * cont).astype(np.float32))
         ivars.append((ts.ivar > 0).astype(np.float32))
         labels.append({**ts.labels, "kind": np.asarray(ts.kind)})
+        done += count
+        report(f"training set: {done}/{n} spectra generated ({pop})")
     flux = np.concatenate(fluxes)
     ivar = np.concatenate(ivars)
     merged = {k: np.concatenate([lab[k] for lab in labels]) for k in labels[0]}
@@ -84,21 +91,25 @@ def train_default(seed: int = 0, *, n_spectra: int | None = None, epochs: int | 
     n_spectra = DEFAULT_TRAINING["n_spectra"] if n_spectra is None else n_spectra
     epochs = DEFAULT_TRAINING["epochs"] if epochs is None else epochs
     arch = {k: kwargs.pop(k) for k in ("blocks", "hidden", "bin_factor") if k in kwargs}
-    flux, ivar, labels = make_training_spectra(n_spectra, seed)
+    log = reporter(log, "apogeenet") if log is not None else None  # one clock for generation and epochs
+    flux, ivar, labels = make_training_spectra(n_spectra, seed, progress=log)
     return ApogeeNet(**arch).train(flux, ivar, labels, seed=seed, epochs=epochs, log=log, **kwargs)
 
 
 def train_model(*, n_train: int = DEFAULT_TRAINING["n_spectra"], seed: int = 0,
                 epochs: int = DEFAULT_TRAINING["epochs"], batch_size: int = 64, learning_rate: float = 2e-3,
                 weight_decay: float = 1e-4, patience: int = 6, max_seconds: float = 0.0,
-                hidden: int = DEFAULT_HIDDEN, blocks: str = "", bin_factor: int = 4) -> ApogeeNet:
+                hidden: int = DEFAULT_HIDDEN, blocks: str = "", bin_factor: int = 4,
+                progress: Progress | None = None) -> ApogeeNet:
     """Train APOGEENet on ``n_train`` generator spectra drawn with ``seed`` (the Dagster entry point).
 
     Defaults train in about two minutes on one core (:data:`DEFAULT_TRAINING`); the full-size
     settings are :data:`FULL_TRAINING`. Every option is a plain number or string:
     ``max_seconds`` (0 = no limit) stops training early; ``blocks`` is the conv stack as
     ``"7x8,5x16,..."`` (kernel x channels; empty = :data:`DEFAULT_BLOCKS`). Raises
-    :class:`ApogeeNetError` for a training set that is too small or unusable.
+    :class:`ApogeeNetError` for a training set that is too small or unusable. ``progress`` gets a
+    line per generated population and per epoch (losses, elapsed seconds); it does not change
+    the network.
     """
     if n_train < MIN_TRAINING_SPECTRA:
         raise ApogeeNetError(f"n_train={n_train} is too small to train APOGEENet "
@@ -113,7 +124,7 @@ def train_model(*, n_train: int = DEFAULT_TRAINING["n_spectra"], seed: int = 0,
             raise ApogeeNetError(f"blocks={blocks!r}: expected 'kernel x channels' pairs like '7x8,5x16'")
     return train_default(seed, n_spectra=int(n_train), epochs=int(epochs), batch_size=int(batch_size),
                          learning_rate=float(learning_rate), weight_decay=float(weight_decay),
-                         patience=int(patience), max_seconds=float(max_seconds) or None, **arch)
+                         patience=int(patience), max_seconds=float(max_seconds) or None, log=progress, **arch)
 
 
 @functools.lru_cache(maxsize=1)

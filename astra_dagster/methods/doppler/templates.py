@@ -22,6 +22,7 @@ from astra_dagster.methods.doppler.emulator import (
     template_log10_grid,
     train_cannon,
 )
+from astra_dagster.methods.progress import Progress, reporter
 
 #: Bump when the generator-training recipe changes so stale cached emulators are not reused.
 _GENERATOR_CACHE_VERSION = 5
@@ -127,12 +128,13 @@ def generator_training_settings() -> Any:
 def train_generator_emulators(
     n: int = 3000, n_hot: int = 400, seed: int = 271828, *, settings: Any = None,
     bands: Sequence[tuple[float, float]] = GENERATOR_BANDS, cache: bool = True,
+    progress: Progress | None = None,
 ) -> list[Emulator]:
     """The generator-trained template families: cool bands from one survey-population training
     grid of ``n`` stars, plus a hot-star family (8000-20000 K) from ``n_hot`` stars.
 
     ``settings`` default to :func:`generator_training_settings`. Same training recipe and
-    caching as :func:`train_generator_emulator`.
+    caching as :func:`train_generator_emulator`. ``progress``: a line per template family.
     """
     from astra_dagster.spectra import synth
 
@@ -140,9 +142,12 @@ def train_generator_emulators(
     names = [f"generator-{int(lo)}-{int(hi)}" for lo, hi in bands] + (["generator-hot"] if n_hot > 0 else [])
     key = _generator_fingerprint(n=n, n_hot=n_hot, seed=seed, settings=settings, bands=list(bands))
     paths = [_emulator_cache_dir() / f"{name}_{key}.npz" for name in names]
+    report = reporter(progress, "doppler_templates")
     if cache and all(p.exists() for p in paths):
         try:
-            return [Emulator.load(p) for p in paths]
+            cached = [Emulator.load(p) for p in paths]
+            report(f"{len(cached)} template families from the cache")
+            return cached
         except EmulatorError:
             pass  # rebuilt below
     start, wave = _training_grid()
@@ -154,14 +159,17 @@ def train_generator_emulators(
                                      wavelength=wave)
         for name, band in zip(names, bands, strict=False):
             out.append(_train_from_set(ts, name, tuple(band), start, wave, {**meta, "population": "survey"}))
+            report(f"family {len(out)}/{len(names)} {name} trained")
     if n_hot > 0:
         ts = synth.make_training_set(n_hot, seed + 1, snr=None, settings=settings, population="hot",
                                      wavelength=wave)
         out.append(_train_from_set(ts, "generator-hot", None, start, wave, {**meta, "population": "hot"}))
+        report(f"family {len(out)}/{len(names)} generator-hot trained")
     if out:
         # Floors per kind of star: hot stars' few broad lines constrain far less.
         cool = _generator_error_floors(out, settings, seed)
         hot = _generator_error_floors(out, settings, seed, "hot", 30) if n_hot > 0 else cool
+        report("error floors calibrated")
         for emulator in out:
             emulator.meta["error_floors"] = hot if emulator.name == "generator-hot" else cool
     if cache:

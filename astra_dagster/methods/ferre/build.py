@@ -23,6 +23,7 @@ from astra_dagster.methods.ferre.grid import (
     GridAxis,
     _axis,
 )
+from astra_dagster.methods.progress import Progress, reporter
 from astra_dagster.spectra import synth
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
@@ -84,7 +85,7 @@ def _node_labels(names: Sequence[str], values: Sequence[float]) -> dict[str, flo
 
 
 def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int = 40, chunk: int = 512,
-                **options: float) -> FerreGrid:
+                progress: Progress | None = None, **options: float) -> FerreGrid:
     """Build the synthetic grid (FERRE has no training: its "model" is the grid), then
     calibrate its systematic error floors on ``n_validation`` held-out stars (0: none).
 
@@ -102,6 +103,9 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
     fitted like data. The rms of estimate − truth per label (interpolation error plus
     hidden-label mismatch, what the curvature cannot know), after dropping misfits beyond five
     robust σ, is stored as ``floor_<dim>`` and added in quadrature to every fitted uncertainty.
+
+    ``progress`` gets a line per ``chunk`` of grid nodes and around the held-out fits (it does
+    not change the grid).
     """
     unknown = sorted(set(options) - set(DEFAULT_GRID))
     if unknown:
@@ -120,6 +124,8 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
         raise FerreError(f"the grid has {n_nodes} nodes, more than the cap n_train={n_train}; "
                          "use coarser steps or a smaller range")
     t0 = time.perf_counter()
+    report = reporter(progress, "ferre")
+    report(f"building a {n_nodes}-node grid ({' x '.join(f'{a.n} {a.name}' for a in axes)})")
     wave = apstar_wavelength()
     chips = continuum.chip_index()
     pixels = np.flatnonzero(chips >= 0)
@@ -140,6 +146,7 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
         if not np.all(np.abs(d) < 32767):
             raise FerreError("grid spectra with normalised flux outside 0..2: cannot store them")
         depth[lo:lo + len(block)] = np.rint(d).astype(np.int16)
+        report(f"grid: {lo + len(block)}/{n_nodes} nodes")
     seconds = time.perf_counter() - t0
     meta = {"generator": synth.GENERATOR_VERSION, "settings": settings.name, "seed": int(seed),
             "continuum_fingerprint": continuum.continuum_fingerprint(), "build_seconds": round(seconds, 1),
@@ -147,7 +154,9 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
     grid = FerreGrid(axes, depth, pixels, meta)
     if n_validation > 0:
         t1 = time.perf_counter()
+        report(f"error floors: fitting {n_validation} held-out stars")
         floors = held_out_errors(grid, int(n_validation), seed)
+        report("error floors: " + ", ".join(f"{k} {v:.3g}" for k, v in floors.items()))
         grid.meta.update({f"floor_{k}": round(v, 5) for k, v in floors.items()})
         grid.meta["held_out_n"] = int(n_validation)
         grid.meta["held_out_seconds"] = round(time.perf_counter() - t1, 1)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from astra_dagster.methods.modelfile import read_arrays, write_arrays
+from astra_dagster.methods.progress import Progress, reporter
 from astra_dagster.methods.thecannon.flags import FLAGS, HIGH_CHI2, LABEL_LIMIT, MIN_PIXELS, CannonError
 from astra_dagster.methods.thecannon.hull import LabelHull
 from astra_dagster.methods.thecannon.numerics import (
@@ -287,7 +288,7 @@ class CannonModel:
     # -- training
 
     def train(self, flux: np.ndarray, ivar: np.ndarray, labels: Mapping[str, Any] | np.ndarray, *,
-              cv_folds: int = 2) -> CannonModel:
+              cv_folds: int = 2, progress: Progress | None = None) -> CannonModel:
         """Fit θ and s² from continuum-normalised training spectra ``flux``, ``ivar`` (n, P) and
         their labels (a dict name → (n,) or an (n, K) array in ``label_names`` order).
 
@@ -301,7 +302,10 @@ class CannonModel:
 
         Raises :class:`CannonError` for a training set (or region) with no more stars than
         coefficients per pixel, non-finite or constant labels, negative ivar or mismatched shapes.
+
+        ``progress`` gets a line per region trained and per cross-validation fold.
         """
+        report = reporter(progress, "thecannon")
         F = _as_2d_float("training flux", flux)
         IV = _as_2d_float("training ivar", ivar)
         if F.shape != IV.shape:
@@ -318,7 +322,8 @@ class CannonModel:
         fiducials, scales = _scaling(L, self.label_names, "training set")
 
         pieces = []
-        for r in range(1 if self.regions is None else len(self.regions)):
+        n_regions = 1 if self.regions is None else len(self.regions)
+        for r in range(n_regions):
             core = self._core(None if self.regions is None else r)
             if isinstance(self.region_margin, dict):
                 margin = np.array([self.region_margin.get(nm, 0.0) for nm in self.label_names])
@@ -329,15 +334,20 @@ class CannonModel:
             where = "training set" if self.regions is None else f"region {r} {self.regions[r]}"
             self._check_size(sel.size, where)
             pieces.append(self._train_piece(F[sel], IV[sel], L[sel], core, where))
+            piece = pieces[-1]
+            bounds = "all labels" if self.regions is None else _bounds_text(self.regions[r])
+            report(f"region {r + 1}/{n_regions} ({bounds}): {sel.size} spectra, "
+                   f"{int(piece.pixel_ok.sum())} pixels, median s² {_median_finite(piece.s2):.2e}")
         self.pieces = pieces
         self.fiducials, self.scales, self.training_labels = fiducials, scales, L.copy()
         self._hull = None
         self._linear_ops = {}
         if cv_folds >= 2:
-            self._cross_validate(F, IV, L, int(cv_folds))
+            self._cross_validate(F, IV, L, int(cv_folds), report)
         return self
 
-    def _cross_validate(self, F: np.ndarray, IV: np.ndarray, L: np.ndarray, folds: int) -> None:
+    def _cross_validate(self, F: np.ndarray, IV: np.ndarray, L: np.ndarray, folds: int,
+                        report: Progress | None = None) -> None:
         """Set each piece's ``label_floor`` from k-fold held-out residuals (see :meth:`train`)."""
         n, K = L.shape
         fold = np.random.default_rng(0).permutation(n) % folds   # deterministic
@@ -355,6 +365,8 @@ class CannonModel:
             res = sub.test(F[held], IV[held], n_starts=2)
             est[held] = res.labels
             formal[held] = res.uncertainties**2
+            if report is not None:
+                report(f"cross-validation fold {f + 1}/{folds}: {int(held.sum())} held-out spectra fitted")
         resid = est - L
         which = self.assign_piece(L)
         ok = np.all(np.isfinite(resid), axis=1)
@@ -690,3 +702,19 @@ def _best_attempt(attempts: list[dict[str, np.ndarray]]) -> np.ndarray:
     finite = np.isfinite(noise)
     score = np.where(finite, noise, np.inf) + np.where(in_core | ~finite, 0.0, 1e300)
     return np.argmin(np.where(finite, score, np.inf), axis=0)
+
+
+def _bounds_text(region: Mapping[str, Any]) -> str:
+    """``{"teff": (None, 4300)}`` as ``teff < 4300`` (for progress lines)."""
+    parts = []
+    for name, (lo, hi) in region.items():
+        if lo is None and hi is None:
+            continue
+        parts.append(f"{name} < {hi:g}" if lo is None else f"{name} >= {lo:g}" if hi is None
+                     else f"{lo:g} <= {name} < {hi:g}")
+    return ", ".join(parts) or "all labels"
+
+
+def _median_finite(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else float("nan")

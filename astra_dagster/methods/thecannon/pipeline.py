@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from astra_dagster.methods.progress import Progress, reporter
 from astra_dagster.methods.thecannon.flags import FATAL, FLAGS, CannonError
 from astra_dagster.methods.thecannon.model import SURVEY_REGIONS, CannonModel
 
@@ -49,9 +50,11 @@ def training_spectra(n_train: int, seed: int, *, kinds: Sequence[str] = TRAINING
 
 def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAULT_TRAINING["seed"],
                 order: int = 2, regularization: float = 0.0, regions: str = "survey", cv_folds: int = 2,
-                hidden_scatter: bool = True) -> CannonModel:
+                hidden_scatter: bool = True, progress: Progress | None = None) -> CannonModel:
     """Train a Cannon model on :func:`training_spectra`. ``regions``: "survey" (the piecewise
-    :data:`SURVEY_REGIONS` model) or "none" (one polynomial); ``hidden_scatter`` see there."""
+    :data:`SURVEY_REGIONS` model) or "none" (one polynomial); ``hidden_scatter`` see there.
+    ``progress`` gets a line after the training set, per region and per cross-validation fold
+    (it does not change the model)."""
     import time
 
     from astra_dagster.methods import continuum
@@ -59,12 +62,14 @@ def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAU
     if regions not in ("survey", "none"):
         raise CannonError(f"regions must be 'survey' or 'none', got {regions!r}")
     start = time.perf_counter()
+    report = reporter(progress, "thecannon")
     flux, ivar, labels = training_spectra(n_train, seed, hidden_scatter=hidden_scatter)
+    report(f"training set: {flux.shape[0]} spectra generated and normalised")
     meta = {"n_train": int(flux.shape[0]), "seed": int(seed), "hidden_scatter": bool(hidden_scatter),
             "continuum": continuum.continuum_fingerprint()}
     model = CannonModel(LABELS, order=order, regularization=regularization, meta=meta,
                         regions=SURVEY_REGIONS if regions == "survey" else None)
-    model.train(flux, ivar, labels, cv_folds=cv_folds)
+    model.train(flux, ivar, labels, cv_folds=cv_folds, progress=report if progress is not None else None)
     model.meta["training_seconds"] = round(time.perf_counter() - start, 2)
     return model
 

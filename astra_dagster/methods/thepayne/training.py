@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from astra_dagster.methods import continuum
+from astra_dagster.methods.progress import Progress, reporter
 from astra_dagster.methods.thepayne.fit import check_labels, fit_normalized, row_labels
 from astra_dagster.methods.thepayne.flags import PayneError
 from astra_dagster.methods.thepayne.model import LABELS, PayneModel, _leaky, _leaky_slope, model_pixels
@@ -29,10 +30,11 @@ FULL_TRAINING: dict[str, Any] = {"n_train": 12000, "seed": 0, "hidden": 256, "ep
 
 def _adam_train(x: np.ndarray, c: np.ndarray, xv: np.ndarray, cv: np.ndarray, *, hidden: int, epochs: int,
                 batch_size: int, learning_rate: float, n_out_pixels: int, rng: np.random.Generator,
-                log_every: int = 0) -> tuple[list[np.ndarray], dict[str, Any]]:
+                log_every: int = 0, progress: Progress | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
     """Train the MLP x (n, k) → c (n, K) with Adam and hand-written backpropagation (float32).
     Loss: Σ_K (ĉ - c)² / n_out_pixels, the pixel mean squared error when c are coefficients of
-    an orthonormal basis. Returns the weights of the best held-out epoch and training facts."""
+    an orthonormal basis. Returns the weights of the best held-out epoch and training facts.
+    ``progress`` gets a line at every held-out evaluation (each 10th epoch)."""
     f32 = np.float32
     n, k = x.shape
     kk = c.shape[1]
@@ -57,10 +59,14 @@ def _adam_train(x: np.ndarray, c: np.ndarray, xv: np.ndarray, cv: np.ndarray, *,
 
     best = (np.inf, [p.copy() for p in params], 0)
     history = []
+    report = reporter(progress, "thepayne")
     for epoch in range(1, epochs + 1):
         # cosine decay to 2 % of the initial rate: large steps first, fine convergence at the end
         lr = learning_rate * (0.02 + 0.98 * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1) / epochs)))
         order = rng.permutation(n)
+        # the training loss is only summed for epochs that report it (read-only: same weights)
+        track = progress is not None and (epoch % 10 == 0 or epoch == epochs)
+        sq_sum = 0.0
         for bi in range(n_batches):
             idx = order[bi * batch_size:(bi + 1) * batch_size]
             xb, cb = x[idx], c[idx]
@@ -70,6 +76,8 @@ def _adam_train(x: np.ndarray, c: np.ndarray, xv: np.ndarray, cv: np.ndarray, *,
             a2 = _leaky(z2)
             out = a2 @ params[4] + params[5]
             d_out = (2.0 / (idx.size * n_out_pixels)) * (out - cb)
+            if track:
+                sq_sum += float(np.sum((out - cb) ** 2, dtype=np.float64))
             d_z2 = (d_out @ params[4].T) * _leaky_slope(z2)
             d_z1 = (d_z2 @ params[2].T) * _leaky_slope(z1)
             grads = [xb.T @ d_z1, d_z1.sum(0), a1.T @ d_z2, d_z2.sum(0), a2.T @ d_out, d_out.sum(0)]
@@ -88,16 +96,21 @@ def _adam_train(x: np.ndarray, c: np.ndarray, xv: np.ndarray, cv: np.ndarray, *,
                 print(f"epoch {epoch}: held-out rms (subspace) {val:.2e}", file=sys.stderr, flush=True)
             if val < best[0]:
                 best = (val, [p.copy() for p in params], epoch)
+            if track:
+                report(f"epoch {epoch}/{epochs}: train rms {np.sqrt(sq_sum / (n * n_out_pixels)):.2e}, "
+                       f"held-out rms {val:.2e} (best {best[0]:.2e} at epoch {best[2]})")
     return best[1], {"best_epoch": int(best[2]), "history": history}
 
 
 def train_on_arrays(flux: np.ndarray, labels: np.ndarray, *, label_names: Sequence[str] = LABELS,
                     hidden: int = 128, epochs: int = 600, batch_size: int = 128, learning_rate: float = 3e-3,
                     n_components: int = 96, validation_fraction: float = 0.1, seed: int = 0,
-                    log_every: int = 0, meta: Mapping[str, Any] | None = None) -> PayneModel:
+                    log_every: int = 0, meta: Mapping[str, Any] | None = None,
+                    progress: Progress | None = None) -> PayneModel:
     """Train an emulator on continuum-normalised spectra ``flux`` (n, 8575) (or (n, 7791) on
     :func:`model_pixels`) with physical ``labels`` (n, k). Raises :class:`PayneError` for a set
-    that is too small, non-finite, or has a label without spread."""
+    that is too small, non-finite, or has a label without spread. ``progress``: a line every 10
+    epochs (:func:`_adam_train`)."""
     t0 = time.perf_counter()
     pix = model_pixels()
     flux = np.asarray(flux)
@@ -141,7 +154,7 @@ def train_on_arrays(flux: np.ndarray, labels: np.ndarray, *, label_names: Sequen
     coef_val = (f32[val] - mean) @ basis.T
     weights, info = _adam_train(xs[tr], coef_tr, xs[val], coef_val, hidden=hidden, epochs=epochs,
                                 batch_size=batch_size, learning_rate=learning_rate, n_out_pixels=pix.size,
-                                rng=rng, log_every=log_every)
+                                rng=rng, log_every=log_every, progress=progress)
     starts = xs[tr][rng.permutation(tr.size)[:256]].astype(float)
     model = PayneModel(label_names=label_names, x_min=x_min, x_max=x_max, pixels=pix,
                        weights=weights, basis=basis, mean=mean, model_sigma=np.zeros(pix.size),
@@ -163,11 +176,13 @@ def train_on_arrays(flux: np.ndarray, labels: np.ndarray, *, label_names: Sequen
 
 
 def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwarf", "yso"),
-                  labels: Sequence[str] = LABELS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  labels: Sequence[str] = LABELS, progress: Progress | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n_train`` noiseless normalised training spectra (flux on :func:`model_pixels`, labels
     (n, len(labels)), kind) of the survey population restricted to ``kinds``, from the
     generator's ``TRAINING_SETTINGS`` (an independent draw from any release). The generator's
-    hidden labels among ``labels`` scatter about their relations; the others stay on them."""
+    hidden labels among ``labels`` scatter about their relations; the others stay on them.
+    ``progress``: a line per generated chunk."""
     from astra_dagster.spectra import synth  # the generator is only needed for training
 
     label_names = check_labels(labels)
@@ -181,6 +196,7 @@ def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwa
     pix = model_pixels()
     fluxes, label_rows, kind = [], [], []
     n_have = 0
+    report = reporter(progress, "thepayne")
     # chunks keep the float64 work arrays small (a 20k set would need several GB at once);
     # each chunk is its own make_training_set draw with a seed derived from (seed, chunk)
     for chunk in range(10_000):
@@ -198,6 +214,7 @@ def training_data(n_train: int, seed: int, kinds: Sequence[str] = ("giant", "dwa
         label_rows.append(ts.label_array(label_names)[keep][ok])
         kind.append(ts.kind[keep][ok])
         n_have += int(ok.sum())
+        report(f"training set: {min(n_have, n_train)}/{n_train} spectra generated")
     return np.vstack(fluxes), np.vstack(label_rows), np.concatenate(kind)
 
 
@@ -205,39 +222,50 @@ def train_model(*, n_train: int = DEFAULT_TRAINING["n_train"], seed: int = DEFAU
                 hidden: int = DEFAULT_TRAINING["hidden"], epochs: int = DEFAULT_TRAINING["epochs"],
                 batch_size: int = 128, learning_rate: float = 3e-3, n_components: int = 96,
                 validation_fraction: float = 0.1, kinds: str = "giant,dwarf,yso", n_calibration: int = 120,
-                labels: str = ",".join(LABELS), log_every: int = 0) -> PayneModel:
+                labels: str = ",".join(LABELS), log_every: int = 0,
+                progress: Progress | None = None) -> PayneModel:
     """Generate ``n_train`` noiseless training spectra (:func:`training_data`; ``kinds`` a
     comma-separated list) and train an emulator on them (:func:`train_on_arrays`) over ``labels``
     (comma-separated, a subset of :data:`FIT_LABELS` with :data:`REQUIRED_LABELS`). The default
     trains in about 2 minutes on one core; see :data:`FULL_TRAINING` for the full size.
 
     ``n_calibration`` > 0: the systematic error floor per label (:func:`calibrate_floor`) from
-    that many further noiseless stars whose hidden labels scatter about their relations."""
+    that many further noiseless stars whose hidden labels scatter about their relations.
+
+    ``progress`` (e.g. a logger's ``info``) gets a line per generated chunk, every 10 epochs
+    (train and held-out rms, elapsed seconds) and around the floor calibration; it does not change
+    the model. ``log_every`` still prints the held-out rms to stderr."""
     if n_train < 1:
         raise PayneError(f"training set size must be >= 1, got n_train={n_train}")
     t0 = time.perf_counter()
+    progress = reporter(progress, "thepayne") if progress is not None else None
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
     label_names = check_labels(n.strip() for n in labels.split(",") if n.strip())
-    flux, label_values, _kind = training_data(n_train, seed, kind_list, label_names)
+    flux, label_values, _kind = training_data(n_train, seed, kind_list, label_names, progress=progress)
     gen_seconds = time.perf_counter() - t0
     model = train_on_arrays(flux, label_values, label_names=label_names, hidden=hidden, epochs=epochs,
                             batch_size=batch_size,
                             learning_rate=learning_rate, n_components=n_components,
                             validation_fraction=validation_fraction, seed=seed, log_every=log_every,
-                            meta={"kinds": ",".join(kind_list)})
+                            meta={"kinds": ",".join(kind_list)}, progress=progress)
     model.meta["generation_seconds"] = round(gen_seconds, 2)
     if n_calibration > 0:
-        calibrate_floor(model, n_calibration, seed=seed + 7919, kinds=tuple(k for k in kind_list if k != "yso"))
+        report = reporter(progress, "thepayne")
+        report(f"emulator trained (held-out rms {model.meta['heldout_rms']:.2e}, best epoch "
+               f"{model.meta['best_epoch']}); calibrating the error floor on {n_calibration} stars")
+        calibrate_floor(model, n_calibration, seed=seed + 7919, kinds=tuple(k for k in kind_list if k != "yso"),
+                        progress=progress)
     model.meta["training_seconds"] = round(time.perf_counter() - t0, 2)
     return model
 
 
-def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str] = ("giant", "dwarf")) -> None:
+def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str] = ("giant", "dwarf"),
+                    progress: Progress | None = None) -> None:
     """Set ``model.label_floor``: the robust σ (1.4826 MAD) of the label errors of ``n`` noiseless
     training-style stars whose hidden labels (vmicro, vmacro, vsini, [C/Fe], [N/Fe]) scatter about
     their relations — the model-mismatch part of the error that JᵀWJ does not see. It is added in
     quadrature to the formal uncertainties. Data with other mismatches (LSF) will still have
-    pulls above 1."""
+    pulls above 1. ``progress``: a line every 30 fits."""
     from dataclasses import replace
 
     from astra_dagster.spectra import synth
@@ -248,11 +276,14 @@ def calibrate_floor(model: PayneModel, n: int, *, seed: int, kinds: Sequence[str
     flux, ivar, cflags = continuum.normalize_arrays(ts.wavelength, ts.flux[keep], ts.ivar[keep], return_flags=True)
     truth = ts.label_array(model.label_names)[keep]
     floor_before = model.label_floor
+    report = reporter(progress, "thepayne")
     model.label_floor = np.zeros(model.n_labels)
     est = np.full(truth.shape, np.nan)
     for i in range(keep.size):
         row = fit_normalized(model, flux[i], ivar[i], continuum_flags=int(cflags[i]))
         est[i] = row_labels(model, row)
+        if (i + 1) % 30 == 0 or i + 1 == keep.size:
+            report(f"error floor: {i + 1}/{keep.size} calibration stars fitted")
     ok = np.all(np.isfinite(est), axis=1)
     if ok.sum() < 10:
         model.label_floor = floor_before
