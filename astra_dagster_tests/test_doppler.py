@@ -237,3 +237,77 @@ def test_unusable_input_raises_dopplererror(emulator) -> None:
         fit_visit(_spec(rng), [])
     with pytest.raises(DopplerError, match="vrange"):
         fit_visit(_spec(rng), emulator, vrange=-5)
+
+
+# --------------------------------------------------------------------------------------------
+# RVs the fit does not trust (issue #11): BAD_RV, NaN velocity, the reason in the message
+# --------------------------------------------------------------------------------------------
+
+def test_rv_doubt_thresholds() -> None:
+    from astra_dagster.methods.doppler.fit import _rv_doubts
+
+    # Fitted RV vs the CCF peak: beyond max(10 km/s, 5σ of the peak).
+    assert _rv_doubts(9.9, 0.0, 0.1, 1.0, 100.0) == 0
+    assert _rv_doubts(10.1, 0.0, 0.1, 1.0, 100.0) == DopplerFlag.CCF_MISMATCH
+    assert _rv_doubts(30.0, 0.0, 8.0, 1.0, 100.0) == 0  # a broad-lined star's wide peak
+    assert _rv_doubts(41.0, 0.0, 8.0, 1.0, 100.0) == DopplerFlag.CCF_MISMATCH
+    # Residuals beyond the noise: √(χ² − 1)/S/N above 5 % of the continuum; a high χ² from a
+    # bright star's small template mismatch is not one.
+    assert _rv_doubts(0.0, 0.0, 0.1, 60.0, 300.0) == 0  # 2.6 %
+    assert _rv_doubts(0.0, 0.0, 0.1, 2.1, 20.0) == DopplerFlag.POOR_MATCH  # 5.2 %
+    assert _rv_doubts(0.0, 0.0, 0.1, 50.0, math.nan) == 0  # no S/N: not judged
+
+
+def test_a_label_on_its_template_limit_rejects_the_rv(emulator) -> None:
+    # [Fe/H] = +0.9 lies beyond the toy templates' +0.5: the fit ends on the limit.
+    spec = toy_visit(np.array([5000.0, 2.5, 0.9]), 40.0, 100, np.random.default_rng(5))
+    result = fit_visit(spec, emulator)
+    assert result.flags & DopplerFlag.LABEL_AT_EDGE and result.flags & DopplerFlag.BAD_RV
+    assert not result.ok and result.flags & FATAL_FLAGS
+    assert all(math.isnan(getattr(result, k)) for k in ("vrel", "u_vrel", "vhelio", "teff", "fe_h"))
+    assert "rejected" in result.message and "limit of the toy templates" in result.message
+    assert np.isfinite(result.chisq) and np.isfinite(result.ccf_vrel)
+    # The checks can be left out (the error-floor calibration does): the fit itself is kept.
+    kept = fit_visit(spec, emulator, reject_doubtful=False)
+    assert kept.flags & DopplerFlag.LABEL_AT_EDGE and not kept.flags & DopplerFlag.BAD_RV
+    assert kept.ok and kept.fe_h == pytest.approx(0.5)
+
+
+def test_residuals_far_beyond_the_noise_reject_the_rv(emulator) -> None:
+    from astra_dagster.spectra.toy_templates import toy_flux
+
+    # A bright companion's lines (an SB2 the templates cannot describe), S/N 300.
+    spec = toy_visit(np.array([5000.0, 2.5, -0.5]), 40.0, 300, np.random.default_rng(6))
+    companion = toy_flux(spec.wavelength, np.array([4200.0, 1.5, 0.3]), 290.0) ** 2
+    blend = Spectrum(spec.wavelength, spec.flux * companion, spec.ivar / companion**2,
+                     spec.pixel_flags, spec.meta)
+    result = fit_visit(blend, emulator)
+    assert result.flags & DopplerFlag.POOR_MATCH and result.flags & DopplerFlag.BAD_RV
+    assert math.isnan(result.vhelio) and "of the continuum beyond the noise" in result.message
+
+
+def test_fit_star_with_every_visit_rejected(emulator) -> None:
+    rng = np.random.default_rng(9)
+    visits = [toy_visit(np.array([5000.0, 2.5, 0.9]), v, 80, rng, continuum_seed=i)
+              for i, v in enumerate((-20.0, 15.0))]
+    star = fit_star(visits, emulator)
+    assert star.flags & DopplerFlag.NO_GOOD_VISITS and math.isnan(star.vhelio)
+    assert all(v.flags & DopplerFlag.BAD_RV and math.isnan(v.vhelio) for v in star.visits)
+
+
+def test_template_selection_by_release() -> None:
+    from types import SimpleNamespace
+
+    from astra_dagster.methods.doppler import select_templates
+
+    gen = SimpleNamespace(name="generator-hot", meta={"source": "generator"})
+    syn = SimpleNamespace(name="synspec-coolstars", meta={"source": "synspec"})
+    both = [syn, gen]
+    assert select_templates(both, "release", True) == [gen]
+    assert select_templates(both, "release", False) == [syn]
+    assert select_templates(both, "all", False) == both
+    assert select_templates(both, "synspec", True) == [syn]
+    with pytest.raises(ValueError, match="no synspec templates for a real release"):
+        select_templates([gen], "release", False, "2M00: ")
+    with pytest.raises(ValueError, match="templates must be one of"):
+        select_templates(both, "best", True)

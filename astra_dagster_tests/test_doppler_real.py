@@ -94,3 +94,19 @@ def test_real_apstar_visits_are_at_rest(templates) -> None:
     assert abs(star.vhelio) < 0.3 and star.vscatter < 0.3
     assert 3400 < star.teff < 4000 and star.logg < 1.5
     assert not math.isnan(star.u_vhelio) and star.u_vhelio < 0.05
+
+
+def test_generator_templates_on_real_apvisits_give_no_trusted_wrong_rv() -> None:
+    """The synthetic generator's templates do not describe real stars (issue #11: 9518 came out
+    +563 km/s off, 5095 -18.7 km/s, both reported as good): their RVs must be rejected."""
+    from astra_dagster.methods.doppler import train_generator_emulators
+
+    generator = train_generator_emulators()
+    for path in _files(THEDOPPLER, "*apVisit*.fits"):
+        result = fit_visit(apogee.read_apvisit(path), generator)
+        drp = apogee.drp_radial_velocity(path)
+        good = result.ok and abs(result.vhelio - drp["vhelio"]) < 1.0
+        assert good or (result.flags & DopplerFlag.BAD_RV and math.isnan(result.vhelio)), result.to_dict()
+    (worst,) = _files(THEDOPPLER, "*apVisit*9518*.fits")
+    result = fit_visit(apogee.read_apvisit(worst), generator)
+    assert result.flags & DopplerFlag.CCF_MISMATCH and "from the CCF peak" in result.message

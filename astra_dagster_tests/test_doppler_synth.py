@@ -16,6 +16,8 @@ import pytest
 synth = pytest.importorskip("astra_dagster.spectra.synth")
 
 from astra_dagster.methods.doppler import (  # noqa: E402
+    RV_DOUBTS,
+    DopplerFlag,
     fit_star,
     fit_visit,
     generator_training_settings,
@@ -51,7 +53,13 @@ def test_generator_templates(templates) -> None:
 def test_synthetic_release_visits_meet_the_targets(templates) -> None:
     visits = synthetic_visits(48, seed=2024, snr_range=(20.0, 150.0))
     results = [fit_visit(v.spectrum, templates) for v in visits]
-    assert all(r.ok for r in results)
+    # Only a label on a template limit may reject a synthetic visit's RV (the generator-hot
+    # family's narrow logg/[Fe/H] range: one hot star here), never the CCF or residual checks.
+    for r, v in zip(results, visits, strict=True):
+        assert r.ok or (r.flags & RV_DOUBTS == DopplerFlag.LABEL_AT_EDGE and v.kind == "hot"), r.to_dict()
+    kept = [i for i, r in enumerate(results) if r.ok]
+    assert len(kept) >= 45
+    results, visits = [results[i] for i in kept], [visits[i] for i in kept]
     dv = np.array([r.vrel - v.vrel for r, v in zip(results, visits, strict=True)])
     u = np.array([r.u_vrel for r in results])
     snr = np.array([v.snr for v in visits])

@@ -143,13 +143,15 @@ COOL_KINDS = ("giant", "dwarf", "yso")
 
 
 def rv_targets(delta: list[float], crb: list[float], unc: list[float], snr: list[float],
-               kinds: list[str]) -> list[dict[str, Any]]:
+               kinds: list[str], unflagged: list[bool] | None = None) -> list[dict[str, Any]]:
     """The RV targets of issue #10, each {"target", "value", "limit", "pass"}:
 
     * cool stars (:data:`COOL_KINDS`): |ΔRV| rms <= 0.1 km/s at visit S/N >= 20, <= 0.05 at >= 50;
     * every visit: Δ/σ_CRB has a robust spread (1.4826 MAD) within 1.0-1.3 and no |Δ/σ_CRB| > 5
       (a visit without a velocity counts as beyond 5: a failed fit is a catastrophic error);
-      the pull Δ/σ (the method's own uncertainty) has a std within 0.8-1.3.
+      the pull Δ/σ (the method's own uncertainty) has a std within 0.8-1.3;
+    * with ``unflagged`` (per visit: no flag that makes it unusable), issue #11's: no unflagged
+      velocity more than 5σ (its own uncertainty) from the truth.
     """
     d, c, u, s = (np.asarray(a, dtype=float) for a in (delta, crb, unc, snr))
     cool = np.isin(np.asarray(kinds), COOL_KINDS)
@@ -172,6 +174,13 @@ def rv_targets(delta: list[float], crb: list[float], unc: list[float], snr: list
     pull = float(np.std(d[ok] / u[ok])) if ok.sum() >= 2 else float("nan")
     out.append({"target": "every visit: pull std dRV/sigma", "value": pull, "limit": [0.8, 1.3],
                 "pass": bool(0.8 <= pull <= 1.3)})
+    if unflagged is not None:
+        good = np.asarray(unflagged, dtype=bool)
+        # An unflagged visit without a velocity would be a silent failure: it counts as beyond 5σ.
+        z = np.where(ok, np.abs(d) / np.where(ok, u, 1.0), np.inf)[good]
+        value = float(np.max(z)) if z.size else 0.0
+        out.append({"target": f"unflagged visits ({int(good.sum())} of {good.size}): max |dRV/sigma|",
+                    "value": value, "limit": [None, 5.0], "pass": bool(value <= 5.0)})
     return out
 
 
@@ -382,8 +391,9 @@ def main() -> None:
                           f"  outliers {st['outlier_frac']:.3f}  pull std {pull}{limit}")
         targets = None
         if crb is not None:
-            targets = rv_targets(dv, crb, unc["vrel"], snr, kinds)
-            print("--- targets (issue #10)")
+            usable = [f is not None and not (f & ~method.informational) for f in flags]
+            targets = rv_targets(dv, crb, unc["vrel"], snr, kinds, usable)
+            print("--- targets (issue #10; the last one issue #11)")
             for t in targets:
                 lo, hi = t["limit"]
                 bound = f"<= {hi:g}" if lo is None else f"within {lo:g}-{hi:g}"

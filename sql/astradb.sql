@@ -411,3 +411,10 @@ alter table astra.thepayne add column if not exists u_rv real[];
 alter table astra.thepayne add column if not exists r_chi_sq real[];
 
 insert into astra.schema_version (version) values ('4') on conflict do nothing;
+
+-- Schema 5: whether a release is synthetic (its manifest names the generator that made it; a
+-- release without one is real data), recorded at registration so the doppler asset can pick
+-- template families per release without reading manifests. NULL: registered before schema 5.
+alter table astra.data_release add column if not exists synthetic boolean;
+
+insert into astra.schema_version (version) values ('5') on conflict do nothing;

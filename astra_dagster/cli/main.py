@@ -272,6 +272,27 @@ def _json_number(value: Any) -> Any:
     return value
 
 
+#: Velocity fields of a fit; in a rest-frame spectrum they are residual shifts, so they are
+#: reported under these names instead.
+_REST_FRAME_NAMES = {"vrel": "v_residual", "u_vrel": "u_v_residual",
+                     "ccf_vrel": "ccf_v_residual", "u_ccf_vrel": "u_ccf_v_residual"}
+
+
+def _rv_record(path: Path, spectrum: Any, result: Any) -> dict[str, Any]:
+    """One JSON record: the frame first; a rest-frame spectrum (apStar rows, already shifted by
+    the pipeline's velocities) has no vhelio or bc and its shift is named a residual."""
+    frame = str(spectrum.meta.get("frame") or "observed")
+    record: dict[str, Any] = {"file": str(path), "index": spectrum.meta.get("index", 0),
+                              "kind": spectrum.meta.get("kind"), "frame": frame}
+    for key, value in result.to_dict().items():
+        if frame == "rest":
+            if key in ("vhelio", "bc"):
+                value = None
+            key = _REST_FRAME_NAMES.get(key, key)
+        record[key] = _json_number(value)
+    return record
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--templates", type=click.Choice(["auto", "synspec", "generator"]), default="auto",
@@ -282,29 +303,48 @@ def _json_number(value: Any) -> Any:
 @one_line_errors
 def rv(files: tuple[Path, ...], templates: str, vrange: float) -> None:
     """Measure radial velocities of apVisit/apStar files (no database): one JSON object per
-    spectrum per line. RVs stored in the files are never read."""
-    from astra_dagster.methods.doppler import fit_visit, load_templates, train_generator_emulators
+    spectrum per line, with its frame ('observed': vrel and vhelio; 'rest', apStar rows:
+    v_residual, vhelio null). A velocity the fit does not trust is null with BAD_RV in
+    flag_names and the reason in message. RVs stored in the files are never read."""
+    from astra_dagster.methods.doppler import (
+        DopplerError,
+        UnsupportedSpectrumError,
+        fit_visit,
+        load_templates,
+        train_generator_emulators,
+    )
     from astra_dagster.spectra.errors import SpectrumFormatError
     from astra_dagster.spectra.io import read_spectra
 
     generator = train_generator_emulators() if templates == "generator" else None
     emulators = load_templates(templates, generator=generator)
-    failures = 0
+    problems: list[str] = []
+
+    def problem(message: str) -> None:
+        problems.append(message)
+        if len(files) > 1:  # one line per bad file, then a summary; a single file gets one line
+            click.echo(f"astra: {message}", err=True)
+
     for path in files:
         try:
             spectra = read_spectra(path)
         except SpectrumFormatError as exc:
-            click.echo(f"astra: {exc}", err=True)
-            failures += 1
+            problem(str(exc))
             continue
         for spectrum in spectra:
-            result = fit_visit(spectrum, emulators, vrange=vrange)
-            record = {"file": str(path), "index": spectrum.meta.get("index", 0),
-                      "kind": spectrum.meta.get("kind"), "frame": spectrum.meta.get("frame")}
-            record.update({k: _json_number(v) for k, v in result.to_dict().items()})
-            click.echo(json.dumps(record))
-    if failures:
-        raise AstraCliError(f"{failures} of {len(files)} file(s) could not be read")
+            try:
+                result = fit_visit(spectrum, emulators, vrange=vrange)
+            except UnsupportedSpectrumError as exc:
+                # e.g. a BOSS spec-lite file: every row of the file is equally out of range.
+                problem(f"{path}: not supported by these templates ({exc.reason})")
+                break
+            except DopplerError as exc:
+                problem(f"{path}: {exc}")
+                break
+            click.echo(json.dumps(_rv_record(path, spectrum, result)))
+    if problems:
+        raise AstraCliError(problems[0] if len(files) == 1 else
+                            f"{len(problems)} of {len(files)} file(s) could not be read or measured")
 
 
 # ---------------------------------------------------------------------------- backfills

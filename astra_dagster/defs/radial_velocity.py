@@ -9,13 +9,21 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
+from astra_dagster.db.connection import connect
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
 from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
-from astra_dagster.methods.doppler import Emulator, fit_star, load_templates, train_generator_emulators
+from astra_dagster.methods.doppler import (
+    Emulator,
+    fit_star,
+    load_templates,
+    select_templates,
+    train_generator_emulators,
+)
 from astra_dagster.methods.progress import Progress
+from astra_dagster.releases.register import synthetic_releases
 from astra_dagster.spectra.apogee import read_apvisit
 
 
@@ -43,11 +51,14 @@ class DopplerTemplates(AstraConfig):
 
     task_family: ClassVar[str] = "Doppler.TrainTemplates"
 
+    # "auto" by default: one template set serves synthetic and real releases alike; the doppler
+    # asset picks the families for each source's release (EstimateRadialVelocity.templates).
     kind: str = Field(
-        default="generator",
-        description="'generator' (emulators trained on the synthetic generator: synthetic releases), "
-        "'synspec' (Doppler's Synspec grids from the thedoppler wheel: real data) or 'auto' (both; "
-        "the cross-correlation picks per spectrum).",
+        default="auto",
+        description="'auto' (both families: the generator-trained ones and Doppler's Synspec grids, "
+        "when the thedoppler wheel can be fetched; the doppler asset uses the generator ones for "
+        "synthetic releases and Synspec for real ones), 'generator' (synthetic releases only) or "
+        "'synspec' (real data only).",
     )
     n_train: int = Field(default=3000, description="Training stars for the cool-star families.")
     n_hot: int = Field(default=400, description="Training stars for the hot-star family.")
@@ -82,18 +93,28 @@ class EstimateRadialVelocity(SourceTaskConfig):
     task_family: ClassVar[str] = "Doppler.EstimateRadialVelocity"
 
     vrange: float = Field(default=1000.0, description="Cross-correlation search range, ±km/s.")
+    templates: str = Field(
+        default="release",
+        description="Template families per source: 'release' (generator-trained for synthetic "
+        "releases, Synspec for real ones, by the release's manifest), 'all' (every family of the "
+        "template set; the cross-correlation picks per spectrum), 'generator' or 'synspec'.",
+    )
 
 
 def _nan(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def estimate(config: EstimateRadialVelocity, item: TaskItem, templates: list[Emulator]) -> dict[str, Any]:
+def estimate(config: EstimateRadialVelocity, item: TaskItem, templates: list[Emulator],
+             synthetic: dict[int, bool]) -> dict[str, Any]:
     visits = [row for row in item.payload["rows"] if row["file_format"] == "apVisit"]
     if not visits:
         raise ValueError(f"{item.source_id}: no apVisit spectra to measure")
     visits.sort(key=lambda row: (row["mjd"] or 0, row["path"]))
-    star = fit_star([read_apvisit(row["path"]) for row in visits], templates, vrange=config.vrange)
+    # A source's spectra come from its newest release (the spectra asset), so one release.
+    release_pk = visits[0].get("release_pk")
+    chosen = select_templates(templates, config.templates, synthetic.get(release_pk), f"{item.source_id}: ")
+    star = fit_star([read_apvisit(row["path"]) for row in visits], chosen, vrange=config.vrange)
     columns = ("vhelio", "vrel", "u_vrel", "teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h", "chisq", "bc")
     result: dict[str, Any] = {c: [_nan(getattr(v, c)) for v in star.visits] for c in columns}
     result["bitmask_flag"] = [int(v.flags) for v in star.visits]
@@ -122,10 +143,13 @@ def doppler(
     joint-fit velocity and visit scatter."""
     _, first_last = partition_range(context)
     templates = doppler_templates.model.emulators
+    release_pks = {row.get("release_pk") for entry in spectra.values() for row in entry["rows"]}
+    with connect() as conn:
+        synthetic = synthetic_releases(conn, [pk for pk in release_pks if pk is not None])
     items = [
         TaskItem(payload=entry, source_pk=pk, source_id=entry["source_id"],
                  params={"input_task_id": entry["task_id"], "templates_task_id": doppler_templates.task_id})
         for pk, entry in sorted(spectra.items())
     ]
-    return run_tasks(context, config, items, lambda item: estimate(config, item, templates),
+    return run_tasks(context, config, items, lambda item: estimate(config, item, templates, synthetic),
                      table="doppler", batch=True, partition_range=first_last)

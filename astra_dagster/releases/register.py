@@ -71,9 +71,10 @@ def register_release(conn: psycopg.Connection, release_dir: Path) -> Registratio
             return Registration(manifest.release, existing[0], digest, [pks[i] for i in ids], [], [],
                                 already_registered=True)
         release_pk = conn.execute(
-            "insert into astra.data_release (name, path, manifest_sha256, n_sources, n_files) "
-            "values (%s, %s, %s, %s, %s) returning pk",
-            (manifest.release, str(release_dir), digest, len(manifest.sources), manifest.n_files),
+            "insert into astra.data_release (name, path, manifest_sha256, n_sources, n_files, synthetic) "
+            "values (%s, %s, %s, %s, %s, %s) returning pk",
+            (manifest.release, str(release_dir), digest, len(manifest.sources), manifest.n_files,
+             manifest.synthetic),
         ).fetchone()[0]
         _update_coordinates(conn, manifest, pks)
         previous = dict(conn.execute(
@@ -154,3 +155,18 @@ def latest_files(conn: psycopg.Connection, source_pks: Sequence[int]) -> dict[in
     for source_pk, path, fmt, sha, size in files:
         found[source_pk].files.append((path, fmt, sha, size))
     return found
+
+
+def synthetic_releases(conn: psycopg.Connection, release_pks: Sequence[int]) -> dict[int, bool]:
+    """Whether each release is synthetic (:attr:`Manifest.synthetic`), from its registration;
+    releases registered before that was recorded have their manifest read once and recorded."""
+    if not release_pks:
+        return {}
+    rows = conn.execute("select pk, path, synthetic from astra.data_release where pk = any(%s)",
+                        (list(release_pks),)).fetchall()
+    out = {pk: synthetic for pk, _, synthetic in rows if synthetic is not None}
+    for pk, path, synthetic in rows:
+        if synthetic is None:
+            out[pk] = read_manifest(Path(path)).synthetic
+            conn.execute("update astra.data_release set synthetic = %s where pk = %s", (out[pk], pk))
+    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,12 @@ class Manifest:
     @property
     def n_files(self) -> int:
         return len(self.files) + sum(len(s.files) for s in self.sources)
+
+    @property
+    def synthetic(self) -> bool:
+        """True for a release made by the synthetic generator (its manifest names the generator,
+        as :mod:`astra_dagster.spectra.release` writes); a release without one is real data."""
+        return bool(self.meta.get("generator"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -144,3 +150,23 @@ def write_manifest(
 
 def manifest_sha256(release_dir: Path) -> str:
     return sha256_file(Path(release_dir) / MANIFEST_NAME)
+
+
+def write_manifest_for_files(
+    release_dir: Path,
+    release: str,
+    sources: Mapping[str, Sequence[tuple[Path, str]]],
+    coordinates: Mapping[str, tuple[float, float]] | None = None,
+    **meta: Any,
+) -> Path:
+    """A manifest over files already under ``release_dir`` (e.g. real DR17 files copied there):
+    ``sources`` maps each source_id to its (path, format) pairs. Without a ``generator`` in
+    ``meta`` the release is real data (:attr:`Manifest.synthetic`)."""
+    root = Path(release_dir)
+    coordinates = coordinates or {}
+    entries = [
+        ReleaseSource(source_id, tuple(file_entry(root, Path(p), fmt) for p, fmt in files),
+                      *coordinates.get(source_id, (None, None)))
+        for source_id, files in sources.items()
+    ]
+    return write_manifest(root, release, entries, **meta)

@@ -19,6 +19,9 @@ The flow follows Doppler's ``fit_cannon`` (reference/methods.md §2.1) with a Ca
    free); when it is significant the joint fit is repeated with broadened templates.
 7. **fine RV** — χ²(v) on a fine grid around the solution at fixed labels (continuum re-solved
    at every v), minimum from a parabola.
+8. **verdict** — an RV more than max(10 km/s, 5σ) from its CCF peak (``CCF_MISMATCH``), a label
+   on its template limit (``LABEL_AT_EDGE``) or residuals beyond the noise above 5 % of the
+   continuum (``POOR_MATCH``) make the RV untrusted: ``BAD_RV`` (fatal), NaN velocity and labels.
 
 Uncertainties come from the inverse of JᵀWJ at the solution, inflated by √χ²_red when the
 model does not describe the data to the noise level, plus (in quadrature) the templates'
@@ -59,14 +62,19 @@ from astra_dagster.methods.doppler.emulator import (
 from astra_dagster.methods.doppler.fit import fit_visit
 from astra_dagster.methods.doppler.flags import (
     APOGEE_CHIP_EDGES,
+    CCF_MISMATCH_KMS,
+    CCF_MISMATCH_SIGMA,
     CLIP_SIGMA,
     CONTINUUM_ORDER,
     FATAL_FLAGS,
     HIGH_CHISQ,
     MIN_CHIP_PIXELS,
     MIN_GOOD_PIXELS,
+    POOR_MATCH_RESIDUAL,
+    RV_DOUBTS,
     DopplerError,
     DopplerFlag,
+    UnsupportedSpectrumError,
     flag_names,
 )
 from astra_dagster.methods.doppler.floors import FLOOR_NAMES, error_floors
@@ -76,8 +84,10 @@ from astra_dagster.methods.doppler.star import fit_star
 from astra_dagster.methods.doppler.templates import (
     GENERATOR_BANDS,
     TEMPLATE_KINDS,
+    TEMPLATE_SELECTIONS,
     generator_training_settings,
     load_templates,
+    select_templates,
     train_generator_emulator,
     train_generator_emulators,
 )
@@ -85,6 +95,8 @@ from astra_dagster.methods.doppler.templates import (
 __all__ = [
     "APOGEE_CHIP_EDGES",
     "APOGEE_RESOLUTION",
+    "CCF_MISMATCH_KMS",
+    "CCF_MISMATCH_SIGMA",
     "CLIP_SIGMA",
     "COARSE_FE_H",
     "COARSE_TEFF_LOGG",
@@ -96,17 +108,21 @@ __all__ = [
     "LABEL_NAMES",
     "MIN_CHIP_PIXELS",
     "MIN_GOOD_PIXELS",
+    "POOR_MATCH_RESIDUAL",
+    "RV_DOUBTS",
     "SITES",
     "SYNSPEC_FAMILIES",
     "TEMPLATE_KINDS",
     "TEMPLATE_LAMBDA_MAX",
     "TEMPLATE_LAMBDA_MIN",
     "TEMPLATE_LOG10_STEP",
+    "TEMPLATE_SELECTIONS",
     "DopplerError",
     "DopplerFlag",
     "Emulator",
     "EmulatorError",
     "StarRV",
+    "UnsupportedSpectrumError",
     "VisitRV",
     "air_to_vacuum",
     "as_emulators",
@@ -122,6 +138,7 @@ __all__ = [
     "load_synspec_emulators",
     "load_templates",
     "read_cannon_pickle",
+    "select_templates",
     "template_log10_grid",
     "train_cannon",
     "train_generator_emulator",

@@ -30,7 +30,8 @@ def calibrate_error_floors(
     emulators = as_emulators(templates)
     saved = [e.meta.pop("error_floors", None) for e in emulators]
     try:
-        results = [(fit_visit(s, emulators), v, lab) for s, v, lab in spectra]
+        # Every fit counts: the floors measure template mismatch, not which fits pass the RV checks.
+        results = [(fit_visit(s, emulators, reject_doubtful=False), v, lab) for s, v, lab in spectra]
     finally:
         for e, value in zip(emulators, saved, strict=True):
             if value is not None:

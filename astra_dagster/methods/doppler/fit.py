@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,13 @@ from astra_dagster.methods.doppler.flags import (
     _MAX_TEMPLATE_FITS,
     _NO_SIGNAL,
     _WEAK_CCF,
+    CCF_MISMATCH_KMS,
+    CCF_MISMATCH_SIGMA,
     CLIP_SIGMA,
     HIGH_CHISQ,
     MIN_GOOD_PIXELS,
+    POOR_MATCH_RESIDUAL,
+    RV_DOUBTS,
     DopplerError,
     DopplerFlag,
 )
@@ -118,6 +122,49 @@ def _fine_rv(model: _VisitModel, p: np.ndarray, sigma_v: float) -> tuple[float, 
     return float(vs[i] - coef[1] / (2 * coef[0])), False
 
 
+def _ccf_limit(u_ccf: float) -> float:
+    return max(CCF_MISMATCH_KMS, CCF_MISMATCH_SIGMA * u_ccf) if math.isfinite(u_ccf) else CCF_MISMATCH_KMS
+
+
+def _excess_residual(chisq: float, snr: float) -> float:
+    """Residual rms beyond the noise as a fraction of the continuum (NaN without an S/N)."""
+    if not (math.isfinite(snr) and snr > 0 and math.isfinite(chisq)):
+        return math.nan
+    return math.sqrt(max(chisq - 1.0, 0.0)) / snr
+
+
+def _rv_doubts(vrel: float, ccf_vrel: float, u_ccf: float, chisq: float, snr: float) -> int:
+    """CCF_MISMATCH and POOR_MATCH bits of a fitted velocity (LABEL_AT_EDGE is set by the caller)."""
+    flags = 0
+    if math.isfinite(ccf_vrel) and abs(vrel - ccf_vrel) > _ccf_limit(u_ccf):
+        flags |= DopplerFlag.CCF_MISMATCH
+    if _excess_residual(chisq, snr) > POOR_MATCH_RESIDUAL:
+        flags |= DopplerFlag.POOR_MATCH
+    return int(flags)
+
+
+def _judge(result: VisitRV) -> VisitRV:
+    """A result with any RV_DOUBTS bit becomes BAD_RV: velocity and labels NaN (as for the other
+    fatal flags), the rejected values in ``message``; χ², bc, S/N and the CCF peak stay."""
+    doubts = result.flags & RV_DOUBTS
+    if not doubts:
+        return result
+    why = []
+    if doubts & DopplerFlag.CCF_MISMATCH:
+        why.append(f"{abs(result.vrel - result.ccf_vrel):.1f} km/s from the CCF peak at "
+                   f"{result.ccf_vrel:.1f} km/s (limit {_ccf_limit(result.u_ccf_vrel):.1f})")
+    if doubts & DopplerFlag.LABEL_AT_EDGE:
+        why.append(f"labels ({result.teff:.0f} K, {result.logg:.2f}, {result.fe_h:+.2f}) at a limit of "
+                   f"the {result.template} templates")
+    if doubts & DopplerFlag.POOR_MATCH:
+        why.append(f"residuals {100 * _excess_residual(result.chisq, result.snr):.1f} % of the continuum "
+                   f"beyond the noise (χ²_red {result.chisq:.1f}; limit {100 * POOR_MATCH_RESIDUAL:g} %)")
+    nan = math.nan
+    return replace(result, vrel=nan, u_vrel=nan, vhelio=nan, teff=nan, u_teff=nan, logg=nan, u_logg=nan,
+                   fe_h=nan, u_fe_h=nan, flags=int(result.flags | DopplerFlag.BAD_RV),
+                   message=f"RV {result.vrel:.2f} km/s rejected: " + "; ".join(why))
+
+
 # ---------------------------------------------------------------------------------------------
 # The visit fit
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +188,8 @@ class _VisitFit:
     lm: _LMResult | None = None
 
 
-def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: float) -> _VisitFit:
+def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: float,
+                     judge: bool = True) -> _VisitFit:
     prep = _prepare(spectrum, emulators, vrange)
     bc, flags = _barycentric(spectrum, prep.flags)
     if flags & DopplerFlag.LOW_GOOD_PIXELS:
@@ -246,17 +294,20 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     labels = res.p[:3]
     if _at_label_edge(emulator, labels):
         flags |= DopplerFlag.LABEL_AT_EDGE
+    if judge:
+        flags |= _rv_doubts(vrel, float(ccf.vrel), float(ccf.sigma_v), float(chisq), prep.snr)
     result = VisitRV(
         vrel=vrel, u_vrel=float(err[3]), teff=float(labels[0]), u_teff=float(err[0]),
         logg=float(labels[1]), u_logg=float(err[1]), fe_h=float(labels[2]), u_fe_h=float(err[2]),
         chisq=float(chisq), bc=bc, vhelio=vrel + bc, flags=int(flags), snr=prep.snr,
-        template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel), vsini=vsini,
+        template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel),
+        u_ccf_vrel=float(ccf.sigma_v), vsini=vsini,
     )
-    return _VisitFit(result, prep, model, res)
+    return _VisitFit(_judge(result) if judge else result, prep, model, res)
 
 
 def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
-              vrange: float = 1000.0) -> VisitRV:
+              vrange: float = 1000.0, reject_doubtful: bool = True) -> VisitRV:
     """Measure the radial velocity and coarse labels of one spectrum.
 
     ``templates`` is one emulator or a list of them (e.g. both Synspec families, or Synspec and
@@ -264,9 +315,13 @@ def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
     the data (too few good pixels, masked chips, a correlation peak at the edge of ±``vrange``,
     non-finite values) give a result with ``flags`` set and NaN for what could not be measured;
     input that cannot be fitted at all (not a Spectrum, wavelengths outside the templates,
-    unsorted wavelengths) raises :class:`DopplerError`.
+    unsorted wavelengths) raises :class:`DopplerError` (:class:`UnsupportedSpectrumError` for
+    wavelengths outside the templates). A fit whose RV is doubtful (:data:`RV_DOUBTS`: far from
+    the CCF peak, a label on its template limit, residuals far beyond the noise) gets ``BAD_RV``
+    and NaN velocity and labels; ``reject_doubtful=False`` keeps them (error-floor calibration
+    measures template mismatch on every fit).
     """
     emulators = as_emulators(templates)
     if not (np.isfinite(vrange) and vrange > 0):
         raise DopplerError(f"vrange must be a positive number of km/s, got {vrange}")
-    return _fit_visit_state(spectrum, emulators, vrange).result
+    return _fit_visit_state(spectrum, emulators, vrange, judge=reject_doubtful).result

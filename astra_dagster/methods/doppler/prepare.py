@@ -20,6 +20,7 @@ from astra_dagster.methods.doppler.flags import (
     MIN_GOOD_PIXELS,
     DopplerError,
     DopplerFlag,
+    UnsupportedSpectrumError,
 )
 from astra_dagster.spectra.bitmask import DOPPLER_BAD_PIXELS
 from astra_dagster.spectra.spectrum import C_KMS, Spectrum
@@ -127,8 +128,8 @@ def _prepare(spectrum: Spectrum, emulators: list[Emulator], vrange: float) -> _P
     ln_all = np.log(wave)
     covered = (ln_all > lo) & (ln_all < hi)
     if not np.any(covered):
-        raise DopplerError(
-            f"{source}: wavelengths {wave[0]:.1f}-{wave[-1]:.1f} Å are outside the templates' "
+        raise UnsupportedSpectrumError(
+            source, f"wavelengths {wave[0]:.1f}-{wave[-1]:.1f} Å are outside the templates' "
             f"range {math.exp(lo):.1f}-{math.exp(hi):.1f} Å (for ±{vrange:g} km/s)"
         )
 

@@ -29,6 +29,8 @@ class VisitRV:
     template: str = ""
     n_pixels: int = 0
     ccf_vrel: float = math.nan
+    #: Velocity error of the coarse correlation peak (its χ² curvature), km/s.
+    u_ccf_vrel: float = math.nan
     vsini: float = 0.0
     message: str = ""
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from astra_dagster.methods.doppler.emulator import Emulator
-from astra_dagster.methods.doppler.fit import _at_label_edge, _fine_rv, _fit_visit_state
+from astra_dagster.methods.doppler.fit import _at_label_edge, _fine_rv, _fit_visit_state, _judge, _rv_doubts
 from astra_dagster.methods.doppler.flags import FATAL_FLAGS, HIGH_CHISQ, DopplerError, DopplerFlag
 from astra_dagster.methods.doppler.floors import _floor_vector, error_floors
 from astra_dagster.methods.doppler.lm import _lm_normal
@@ -60,7 +60,7 @@ def _star_failed(visits: list[VisitRV], flags: int, message: str) -> StarRV:
 
 
 def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator], *,
-             vrange: float = 1000.0) -> StarRV:
+             vrange: float = 1000.0, reject_doubtful: bool = True) -> StarRV:
     """Joint fit of all visits of one star: common (Teff, logg, [Fe/H]), one RV per visit.
 
     Each visit is first fitted alone (:func:`fit_visit`); visits whose velocity could be
@@ -68,7 +68,9 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     and continuum, started from the individual solutions, on the template family of the
     highest-S/N visit. The stellar ``vhelio`` is the inverse-variance weighted mean of the
     visits' ``vhelio``, ``vscatter`` their standard deviation (NaN with fewer than two).
-    Visits that could not be measured keep their individual, flagged result.
+    Visits that could not be measured keep their individual, flagged result. Each visit of the
+    joint fit is judged again as in :func:`fit_visit` (``BAD_RV``: NaN velocity); with every
+    visit rejected the star gets ``NO_GOOD_VISITS``.
     """
     emulators = as_emulators(templates)
     spectra = list(visits)
@@ -76,7 +78,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         raise DopplerError("fit_star needs at least one visit")
     if not (np.isfinite(vrange) and vrange > 0):
         raise DopplerError(f"vrange must be a positive number of km/s, got {vrange}")
-    states = [_fit_visit_state(s, emulators, vrange) for s in spectra]
+    states = [_fit_visit_state(s, emulators, vrange, judge=reject_doubtful) for s in spectra]
     results = [st.result for st in states]
     good = [i for i, st in enumerate(states) if st.result.ok and st.model is not None]
     all_flags = 0
@@ -147,13 +149,16 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
                                   | DopplerFlag.HIGH_CHISQ | DopplerFlag.RV_SCAN_EDGE)) | star_flags
         if scan_edge:
             flags |= DopplerFlag.RV_SCAN_EDGE
-        results[i] = VisitRV(
+        if reject_doubtful:
+            flags |= _rv_doubts(vrel, old.ccf_vrel, old.u_ccf_vrel, chisq_i, old.snr)
+        visit = VisitRV(
             vrel=vrel, u_vrel=u_v, teff=float(res.p[0]), u_teff=float(u_labels[0]),
             logg=float(res.p[1]), u_logg=float(u_labels[1]), fe_h=float(res.p[2]),
             u_fe_h=float(u_labels[2]), chisq=chisq_i, bc=old.bc, vhelio=vrel + old.bc,
             flags=int(flags), snr=old.snr, template=emulator.name, n_pixels=model.n_used,
-            ccf_vrel=old.ccf_vrel, vsini=vsini,
+            ccf_vrel=old.ccf_vrel, u_ccf_vrel=old.u_ccf_vrel, vsini=vsini,
         )
+        results[i] = _judge(visit) if reject_doubtful else visit
 
     vh = np.array([results[i].vhelio for i in good])
     uv = np.array([results[i].u_vrel for i in good])
@@ -164,7 +169,8 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         u_vhelio = float(math.sqrt(1.0 / np.sum(wv)))
     else:
         vhelio = u_vhelio = math.nan
-        star_flags |= DopplerFlag.NO_BC
+        rejected = all(results[i].flags & DopplerFlag.BAD_RV for i in good)
+        star_flags |= DopplerFlag.NO_GOOD_VISITS if rejected else DopplerFlag.NO_BC
     vscatter = float(np.std(vh[ok])) if ok.sum() >= 2 else math.nan
     for r in results:
         star_flags |= r.flags & ~int(FATAL_FLAGS)

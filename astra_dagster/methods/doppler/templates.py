@@ -239,3 +239,36 @@ def load_templates(kind: str = "auto", *, generator: Emulator | Sequence[Emulato
             "no templates: the Synspec grids are unavailable and no generator emulator was given"
         )
     return out
+
+
+#: How :func:`select_templates` picks families (EstimateRadialVelocity.templates).
+TEMPLATE_SELECTIONS = ("release", "all", "generator", "synspec")
+
+
+def _family(emulator: Emulator) -> str:
+    """'generator' or 'synspec': what the emulator was made from."""
+    return str(emulator.meta.get("source") or emulator.name.split("-", 1)[0])
+
+
+def select_templates(emulators: list[Emulator], selection: str, synthetic: bool | None,
+                     where: str = "") -> list[Emulator]:
+    """The template families a source is fitted with.
+
+    ``release``: the generator-trained families for a synthetic release (its stars come from
+    that generator's line list), Doppler's Synspec grids for real data: the generator's
+    templates put real stars 20-900 km/s off (issue #11). ``all``: every family (the CCF picks
+    per spectrum); ``generator`` / ``synspec``: that family whatever the release.
+    """
+    if selection not in TEMPLATE_SELECTIONS:
+        raise ValueError(f"templates must be one of {TEMPLATE_SELECTIONS}, got {selection!r}")
+    if selection == "all":
+        return emulators
+    wanted = selection if selection != "release" else ("generator" if synthetic else "synspec")
+    chosen = [e for e in emulators if _family(e) == wanted]
+    if not chosen:
+        kind = "" if selection != "release" else f" for a {'synthetic' if synthetic else 'real'} release"
+        raise ValueError(
+            f"{where}no {wanted} templates{kind} in the template set "
+            f"({', '.join(e.name for e in emulators)}); materialise doppler_templates with kind "
+            f"'auto' or '{wanted}'")
+    return chosen
