@@ -14,6 +14,7 @@ labels), synthetic release stars (8 stars, S/N ~50-300) vs the two real DR17 apS
 2M17335483 (giant) / 2M19485057 (dwarf):
 
 * The Cannon: synthetic 0.66-1.39; real 127 / 24.
+* The Payne: synthetic 1.0-1.92; real 242 / 41.6.
 * FERRE: synthetic 1.4-3.6; real 459 / 69.
 * APOGEENet (generator refined from the predicted labels): synthetic 1.37-3.4; real 468 / 72.5.
 
