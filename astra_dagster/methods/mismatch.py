@@ -9,7 +9,7 @@ the methods set their ``POOR_MODEL_MATCH`` flag and write NULL labels and uncert
 χ² and the flag stay, so the user sees why).
 
 Measured with the small test configs of ``test_label_assets.py`` (r_chi_sq; FERRE's
-10**log_chisq_fit; APOGEENet's :func:`reduced_chi_square` of the generator at its predicted
+10**log_chisq_fit; APOGEENet's χ² of the generator refined from its predicted
 labels), synthetic release stars (8 stars, S/N ~50-300) vs the two real DR17 apStar stars
 2M17335483 (giant) / 2M19485057 (dwarf):
 
