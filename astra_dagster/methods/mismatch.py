@@ -9,14 +9,16 @@ the methods set their ``POOR_MODEL_MATCH`` flag and write NULL labels and uncert
 χ² and the flag stay, so the user sees why).
 
 Measured with the small test configs of ``test_label_assets.py`` (r_chi_sq; FERRE's
-10**log_chisq_fit; APOGEENet's χ² of the generator refined from its predicted
-labels), synthetic release stars (8 stars, S/N ~50-300) vs the two real DR17 apStar stars
+10**log_chisq_fit), synthetic release stars (8 stars, S/N ~50-300) vs the two real DR17 apStar stars
 2M17335483 (giant) / 2M19485057 (dwarf):
 
 * The Cannon: synthetic 0.66-1.39; real 127 / 24.
 * The Payne: synthetic 1.0-1.92; real 242 / 41.6.
 * FERRE: synthetic 1.4-3.6; real 459 / 69.
-* APOGEENet (generator refined from the predicted labels): synthetic 1.37-3.4; real 468 / 72.5.
+
+APOGEENet has no χ²; refining the generator from its labels gave synthetic 1.37-3.4, real
+468 / 72.5, but cost 1-2 s per star against a 5 ms budget. It has its own cheap screen instead
+(:mod:`astra_dagster.methods.apogeenet.screen`, threshold 20 on its own statistic).
 
 The threshold sits a factor ~3 above the largest synthetic value and ~2.4 below the smallest
 real one (the existing HIGH_CHI2 flags, 5-10, stay as warnings with labels written).

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from astra_dagster.methods import mismatch
-from astra_dagster.methods.apogeenet.flags import ApogeeNetError, ApogeeNetFlag
+from astra_dagster.methods.apogeenet.flags import ApogeeNetError
 from astra_dagster.methods.apogeenet.model import MIN_TRAINING_SPECTRA, ApogeeNet
 from astra_dagster.methods.apogeenet.network import DEFAULT_HIDDEN
 from astra_dagster.methods.progress import Progress, reporter
@@ -140,46 +139,6 @@ def _is_apstar_grid(wavelength: np.ndarray) -> bool:
     return wavelength.shape == grid.shape and bool(np.allclose(wavelength, grid, rtol=1e-7, atol=0.0))
 
 
-#: Bounds of the generator fit behind :func:`generator_chi_square` (teff, logg, fe_h, alpha_m).
-_FIT_LOWER = np.array([3000.0, -0.5, -2.5, -0.3])
-_FIT_UPPER = np.array([20000.0, 5.5, 0.7, 0.6])
-
-
-def generator_chi_square(spectrum: Spectrum, teff: float, logg: float, fe_h: float, max_nfev: int = 8) -> float:
-    """Reduced χ² of the continuum-normalised spectrum against the generator (the network's
-    training set, release settings), refined by a few least-squares steps in Teff, logg, [Fe/H],
-    [α/M] from the predicted labels (hidden labels on their relations). The network has no χ² of
-    its own; this is its model-mismatch measure (:mod:`astra_dagster.methods.mismatch`): it asks
-    whether the spectrum is one the training set could hold, not whether the prediction is exact
-    (the refinement takes a small network's few-hundred-K error out). NaN for unusable input."""
-    from scipy.optimize import least_squares
-
-    from astra_dagster.methods import continuum
-    from astra_dagster.spectra import synth
-
-    if not all(v is not None and math.isfinite(v) for v in (teff, logg, fe_h)):
-        return float("nan")
-    norm = continuum.normalize(spectrum)
-    wavelength = np.asarray(norm.wavelength)
-    good = np.isfinite(norm.flux) & np.isfinite(norm.ivar) & (norm.ivar > 0)
-    if int(good.sum()) <= 4:
-        return float("nan")
-    sw = np.sqrt(norm.ivar[good])
-    y = norm.flux[good]
-
-    def residuals(x: np.ndarray) -> np.ndarray:
-        labels = {"teff": x[0], "logg": x[1], "fe_h": x[2], "alpha_m": x[3]}
-        return (synth.synthesize(labels, wavelength, synth.RELEASE_SETTINGS)[good] - y) * sw
-
-    x0 = np.clip([teff, logg, fe_h, 0.0], _FIT_LOWER + 1e-6, _FIT_UPPER - 1e-6)
-    try:
-        fit = least_squares(residuals, x0, bounds=(_FIT_LOWER, _FIT_UPPER), x_scale=[200.0, 0.3, 0.2, 0.1],
-                            diff_step=[0.005, 0.02, 0.02, 0.05], max_nfev=max_nfev)
-    except ValueError:
-        return float("nan")
-    return float(2.0 * fit.cost / max(int(good.sum()) - 4, 1))
-
-
 #: Columns of ``astra.apogeenet`` that :func:`fit_spectra` fills, in table order.
 RESULT_COLUMNS = ("snr", "teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h", "bitmask_flag")
 
@@ -191,7 +150,8 @@ def fit_spectra(model: ApogeeNet, spectra: Sequence[Spectrum], *, n_draws: int =
     Each spectrum must be a rest-frame apStar row (8575-pixel grid): raw flux with continuum,
     ivar, APOGEE pixel flags. ``snr`` is ``spectrum.meta["snr"]`` when given, else the median
     flux·√ivar over usable pixels. Labels the network cannot give are None, with the reason in
-    ``bitmask_flag`` (:class:`ApogeeNetFlag`); a bad spectrum never raises. Raises
+    ``bitmask_flag`` (:class:`ApogeeNetFlag`; ``POOR_MODEL_MATCH`` from the model's mismatch
+    screen, :mod:`.screen`); a bad spectrum never raises. Raises
     :class:`ApogeeNetError` for an untrained model or a spectrum not on the apStar grid.
     """
     if not isinstance(model, ApogeeNet):
@@ -218,10 +178,5 @@ def fit_spectra(model: ApogeeNet, spectra: Sequence[Spectrum], *, n_draws: int =
             meta_snr = None
         if meta_snr is not None and math.isfinite(meta_snr):
             row["snr"] = meta_snr
-        if row["teff"] is not None and mismatch.is_poor_match(
-                generator_chi_square(spec, row["teff"], row["logg"], row["fe_h"])):
-            # a spectrum unlike every training spectrum: the network's numbers are not labels
-            row["bitmask_flag"] = int(row["bitmask_flag"]) | int(ApogeeNetFlag.POOR_MODEL_MATCH)
-            row.update({k: None for k in ("teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h")})
         rows.append({k: row[k] for k in RESULT_COLUMNS})
     return rows
