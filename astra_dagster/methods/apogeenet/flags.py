@@ -22,6 +22,7 @@ class ApogeeNetFlag(enum.IntFlag):
     MOSTLY_MASKED = 1 << 4        # fewer than min_good_fraction of the chip pixels usable: NaN
     NO_FLUX = 1 << 5              # no usable pixel at all, or median flux <= 0: NaN
     FE_H_UNRELIABLE = 1 << 6      # predicted Teff outside FE_H_RELIABLE_TEFF: [Fe/H] weakly constrained
+    POOR_MODEL_MATCH = 1 << 7     # lines where the training set has none (screen.line_chi2): NaN
 
 
 FATAL_FLAGS = ApogeeNetFlag.MOSTLY_MASKED | ApogeeNetFlag.NO_FLUX

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from astra_dagster.methods.apogeenet import screen
 from astra_dagster.methods.apogeenet.augment import Augmentation, augment
 from astra_dagster.methods.apogeenet.flags import FATAL_FLAGS, FE_H_RELIABLE_TEFF, LABELS, ApogeeNetError, ApogeeNetFlag
 from astra_dagster.methods.apogeenet.network import DEFAULT_BLOCKS, DEFAULT_HIDDEN, _Adam, _Network
@@ -129,6 +130,11 @@ class ApogeeNet:
         #: Error floor per regime (cool, hot: predicted Teff vs :data:`HOT_TEFF`) and output
         #: (log10 Teff, logg, [Fe/H]), added in quadrature to the MC scatter.
         self.error_floor = np.zeros((2, len(LABELS)))
+        #: Reference line profiles of the mismatch screen (:mod:`.screen`): mean (n_in,) and
+        #: basis (n_in, k) of the high-passed training inputs. None (model files from before the
+        #: screen): the screen is skipped and ``line_chi2`` is NaN.
+        self.line_mean: np.ndarray | None = None
+        self.line_basis: np.ndarray | None = None
         self.report = TrainingReport()
         self.trained = False
 
@@ -263,6 +269,9 @@ class ApogeeNet:
                 break
         self.net.params = best[1]
         report.best_epoch = best[2]
+        # the screen's reference: the noiseless training inputs, the profiles the generator can make
+        x_ref, _ = preprocess(flux[tr_idx], good[tr_idx], self.bin_factor)
+        self.line_mean, self.line_basis = screen.fit_reference(x_ref, self.bin_factor, rng)
         self.trained = True
         self.report = report
         log_line(f"fitting the error floor on {val_idx.size} validation spectra")
@@ -284,7 +293,7 @@ class ApogeeNet:
             f, g, sigma = augment(flux, good, rng, augmentation)
             if sigma is not None:
                 iv = np.where(g, 1.0 / np.maximum(sigma, 1e-30) ** 2, 0.0)
-        value, std = self._mc(f, iv, g, 10, rng)
+        value, std, _ = self._mc(f, iv, g, 10, rng)
         resid = value - y_raw
         self.report.validation = _residual_stats(value, y_raw)
         hot = value[:, 0] >= math.log10(HOT_TEFF)
@@ -299,9 +308,11 @@ class ApogeeNet:
     # -- prediction -------------------------------------------------------------------------
 
     def _mc(self, flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, n_draws: int,
-            rng: np.random.Generator, chunk: int = 64, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+            rng: np.random.Generator, chunk: int = 64, seed: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels from the direct pass and their standard deviation over ``n_draws`` noisy copies
-        of the input (NaN std for ``n_draws`` < 2), in output units (log10 Teff, logg, [Fe/H]).
+        of the input (NaN std for ``n_draws`` < 2), in output units (log10 Teff, logg, [Fe/H]),
+        and the screen's ``line_chi2`` (:func:`.screen.line_chi2`; NaN without a reference).
 
         The value is the direct pass, not the mean of the copies: each copy carries the data's
         noise twice. The noise is drawn on the binned log-flux input with the per-bin σ that
@@ -314,15 +325,19 @@ class ApogeeNet:
         n = flux.shape[0]
         value = np.full((n, len(LABELS)), np.nan)
         std = np.full((n, len(LABELS)), np.nan)
+        chi2 = np.full(n, np.nan)
+        screened = self.line_mean is not None and self.line_basis is not None
         for s in range(0, n, chunk):
             f, iv, g = flux[s: s + chunk], ivar[s: s + chunk], good[s: s + chunk]
             m = f.shape[0]
             x, level = preprocess(f, g, self.bin_factor)
+            sx = input_sigma(f, iv, g, level, self.bin_factor) if screened or n_draws >= 2 else None
+            if screened:
+                chi2[s: s + m] = screen.line_chi2(x, sx, self.line_mean, self.line_basis, self.bin_factor)
             x -= self.input_mean
             value[s: s + m] = self._destandardise(self.net.predict(x))
             if n_draws < 2:
                 continue
-            sx = input_sigma(f, iv, g, level, self.bin_factor)
             if seed is None:
                 draws = rng.standard_normal((n_draws, m, x.shape[1]), dtype=np.float32)
             else:
@@ -333,7 +348,7 @@ class ApogeeNet:
             # small batches keep each layer's activations in cache: 256 rows were 1.6x slower
             out = self._destandardise(self.net.predict(noisy.reshape(n_draws * m, -1), batch=8))
             std[s: s + m] = out.reshape(n_draws, m, len(LABELS)).std(axis=0, ddof=1)
-        return value, std
+        return value, std, chi2
 
     def _inputs(self, flux: np.ndarray, good: np.ndarray) -> np.ndarray:
         """Pre-processed, standardised network inputs."""
@@ -350,7 +365,11 @@ class ApogeeNet:
         The labels come from the direct forward pass; ``n_draws`` noisy copies give the
         Monte-Carlo σ, to which the error floor is added in quadrature (``n_draws`` < 2: the
         floor alone, NaN raw σ). Per-spectrum problems
-        never raise: they set :class:`ApogeeNetFlag` bits (and NaN labels for fatal ones).
+        never raise: they set :class:`ApogeeNetFlag` bits (and NaN labels for fatal ones). A
+        spectrum whose ``line_chi2`` exceeds :data:`.screen.LINE_MISMATCH_CHI2` (lines where the
+        training set has none: a real star while the generator is not physical) gets
+        ``POOR_MODEL_MATCH`` and NaN labels and uncertainties; models read from files without the
+        screen's reference skip this check (``line_chi2`` NaN).
         Raises :class:`ApogeeNetError` only for an untrained model or arrays of the wrong shape.
         """
         if not self.trained:
@@ -373,10 +392,15 @@ class ApogeeNet:
         run = (flags & FATAL_FLAGS) == 0
         mean = np.full((n, len(LABELS)), np.nan)
         std = np.full((n, len(LABELS)), np.nan)
+        chi2 = np.full(n, np.nan)
         if run.any():
             rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x6D63]))
-            mean[run], std[run] = self._mc(flux[run], np.where(good[run], ivar[run], 0.0), good[run], n_draws, rng,
-                                           seed=int(seed))
+            mean[run], std[run], chi2[run] = self._mc(flux[run], np.where(good[run], ivar[run], 0.0), good[run],
+                                                      n_draws, rng, seed=int(seed))
+        poor = np.isfinite(chi2) & (chi2 > screen.LINE_MISMATCH_CHI2)
+        flags[poor] |= ApogeeNetFlag.POOR_MODEL_MATCH
+        mean[poor] = np.nan  # the network's numbers for such a star are not labels
+        std[poor] = np.nan
         with np.errstate(invalid="ignore"):
             floor = self.error_floor[(mean[:, 0] >= math.log10(HOT_TEFF)).astype(np.intp)]
         total = np.sqrt(np.where(np.isfinite(std), std, 0.0) ** 2 + floor**2)
@@ -394,7 +418,7 @@ class ApogeeNet:
         flags[np.isfinite(teff) & ((teff > hi_t) | (teff < lo_t))] |= ApogeeNetFlag.FE_H_UNRELIABLE
         return ApogeeNetResult(teff=teff, u_teff=u_teff, logg=mean[:, 1], u_logg=total[:, 1], fe_h=mean[:, 2],
                                u_fe_h=total[:, 2], bitmask_flag=flags, snr=snr, raw_u_teff=raw_u_teff,
-                               raw_u_logg=std[:, 1], raw_u_fe_h=std[:, 2])
+                               raw_u_logg=std[:, 1], raw_u_fe_h=std[:, 2], line_chi2=chi2)
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-able facts about the model: architecture and sizes, training set sizes and
@@ -440,12 +464,19 @@ class ApogeeNet:
             raise ApogeeNetError(f"refusing to write an untrained ApogeeNet to {path}")
         arrays = {f"param_{k}": v for k, v in self.net.params.items()}
         arrays["input_mean"] = self.input_mean.astype(np.float32)
+        if self.line_mean is not None and self.line_basis is not None:
+            arrays["line_mean"] = self.line_mean.astype(np.float32)
+            arrays["line_basis"] = self.line_basis.astype(np.float32)
         arrays["config"] = np.array(json.dumps(self.config()))
         return write_arrays(path, arrays)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> ApogeeNet:
-        """Load a model written by :meth:`write`; :class:`ApogeeNetError` names the file on problems."""
+        """Load a model written by :meth:`write`; :class:`ApogeeNetError` names the file on problems.
+
+        Files written before the mismatch screen have no ``line_mean``/``line_basis``: they still
+        load, and their predictions skip the screen (no ``POOR_MODEL_MATCH``, ``line_chi2`` NaN).
+        """
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -453,6 +484,9 @@ class ApogeeNet:
                 params = {k[len("param_"):]: np.asarray(data[k], dtype=np.float32)
                           for k in data.files if k.startswith("param_")}
                 input_mean = np.asarray(data["input_mean"], dtype=np.float32)
+                # absent in files written before the mismatch screen: the screen is then skipped
+                line_mean = np.asarray(data["line_mean"], dtype=np.float32) if "line_mean" in data.files else None
+                line_basis = np.asarray(data["line_basis"], dtype=np.float32) if "line_basis" in data.files else None
         except FileNotFoundError as exc:
             raise ApogeeNetError(f"{path}: no such APOGEENet model file") from exc
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
@@ -471,8 +505,15 @@ class ApogeeNet:
             raise ApogeeNetError(f"{path}: weight arrays {shapes} do not match the architecture {expected}")
         if input_mean.shape != (model.net.n_in,):
             raise ApogeeNetError(f"{path}: input_mean has shape {input_mean.shape}, expected ({model.net.n_in},)")
+        if (line_mean is None) != (line_basis is None) or (line_mean is not None and (
+                line_mean.shape != (model.net.n_in,) or line_basis.ndim != 2 or line_basis.shape[0] != model.net.n_in)):
+            raise ApogeeNetError(f"{path}: screen reference line_mean/line_basis has shapes "
+                                 f"{None if line_mean is None else line_mean.shape}/"
+                                 f"{None if line_basis is None else line_basis.shape}, expected "
+                                 f"({model.net.n_in},)/({model.net.n_in}, k)")
         model.net.params = params
         model.input_mean = input_mean
+        model.line_mean, model.line_basis = line_mean, line_basis
         model.label_mean = np.asarray(config["label_mean"], dtype=float)
         model.label_std = np.asarray(config["label_std"], dtype=float)
         model.label_range = {k: (float(v[0]), float(v[1])) for k, v in config["label_range"].items()}

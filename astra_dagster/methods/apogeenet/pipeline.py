@@ -150,7 +150,8 @@ def fit_spectra(model: ApogeeNet, spectra: Sequence[Spectrum], *, n_draws: int =
     Each spectrum must be a rest-frame apStar row (8575-pixel grid): raw flux with continuum,
     ivar, APOGEE pixel flags. ``snr`` is ``spectrum.meta["snr"]`` when given, else the median
     flux·√ivar over usable pixels. Labels the network cannot give are None, with the reason in
-    ``bitmask_flag`` (:class:`ApogeeNetFlag`); a bad spectrum never raises. Raises
+    ``bitmask_flag`` (:class:`ApogeeNetFlag`; ``POOR_MODEL_MATCH`` from the model's mismatch
+    screen, :mod:`.screen`); a bad spectrum never raises. Raises
     :class:`ApogeeNetError` for an untrained model or a spectrum not on the apStar grid.
     """
     if not isinstance(model, ApogeeNet):

@@ -28,6 +28,8 @@ class ApogeeNetResult:
     raw_u_teff: np.ndarray = field(default_factory=lambda: np.empty(0))
     raw_u_logg: np.ndarray = field(default_factory=lambda: np.empty(0))
     raw_u_fe_h: np.ndarray = field(default_factory=lambda: np.empty(0))
+    #: The mismatch screen's reduced χ² (:func:`.screen.line_chi2`; NaN when not screened).
+    line_chi2: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def __len__(self) -> int:
         return int(self.teff.size)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from astra_dagster.methods import continuum, hydrogen
+from astra_dagster.methods import continuum, hydrogen, mismatch
 from astra_dagster.methods.ferre.flags import (
     COARSE_STRIDE,
     CONTINUUM_DEGREE,
@@ -339,6 +339,10 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
     chi2_flat = _chi2(grid, p, np.ones(grid.n_pixels))
     if chi2_flat - chi2_best < FLAT_DELTA_CHI2:
         row["bitmask_flag"] = flags | FLAGS["FLAT_CHI2"]
+        return row
+    # no grid spectrum explains the data (a real star today, issue #11): no labels
+    if mismatch.is_poor_match(red):
+        row["bitmask_flag"] = flags | FLAGS["POOR_MODEL_MATCH"]
         return row
     # a hot star fitted at the grid's warm edge: its Brackett lines give it away (labels None)
     best_model = _scaled_model(grid, p, 1.0 - grid.interpolate_depth(x_best).astype(float))

@@ -12,6 +12,7 @@ FLAGS: dict[str, int] = {
     "CHIP_FAILED": 1 << 6,
     "BAD_CURVATURE": 1 << 7,
     "HYDROGEN_LINES": 1 << 8,
+    "POOR_MODEL_MATCH": 1 << 9,   # reduced χ² above mismatch.POOR_MATCH_CHI2: labels None
 }
 
 #: A spectrum needs at least this many usable pixels to be fitted.

@@ -12,9 +12,10 @@ FLAGS: dict[str, int] = {
     "SINGULAR": 1 << 6,
     "OUTSIDE_REGION": 1 << 7,
     "HYDROGEN_LINES": 1 << 8,
+    "POOR_MODEL_MATCH": 1 << 9,   # reduced χ² above mismatch.POOR_MATCH_CHI2: not a star the model can make
 }
 #: Flags whose labels are not a measurement (written as None).
-FATAL = FLAGS["NO_DATA"] | FLAGS["HYDROGEN_LINES"]
+FATAL = FLAGS["NO_DATA"] | FLAGS["HYDROGEN_LINES"] | FLAGS["POOR_MODEL_MATCH"]
 #: A spectrum needs at least this many usable modelled pixels to be fitted.
 MIN_PIXELS = 100
 #: Reduced χ² above which HIGH_CHI2 is set.

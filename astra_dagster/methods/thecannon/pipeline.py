@@ -82,7 +82,7 @@ def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, An
     """Labels for rest-frame apStar spectra (:class:`~astra_dagster.spectra.spectrum.Spectrum`):
     one dict per spectrum with the ``astra.thecannon`` columns. Spectra the test step cannot fit
     (NO_DATA, e.g. all chips masked) get None labels and their flag bits."""
-    from astra_dagster.methods import continuum, hydrogen
+    from astra_dagster.methods import continuum, hydrogen, mismatch
 
     if not spectra:
         return []
@@ -101,6 +101,8 @@ def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, An
         flags = int(result.flags[i])
         if fitted[i] and hydrogen.has_hot_star_lines(wavelength, flux[i], best[i], ivar[i]):
             flags |= FLAGS["HYDROGEN_LINES"]
+        if fitted[i] and mismatch.is_poor_match(result.r_chi_sq[i]):
+            flags |= FLAGS["POOR_MODEL_MATCH"]
         measured = not flags & FATAL
         row: dict[str, Any] = {"snr": _value(float(s.meta.get("snr") or np.nan))}
         for k, name in enumerate(model.label_names):

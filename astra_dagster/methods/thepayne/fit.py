@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from astra_dagster.methods import continuum, hydrogen
+from astra_dagster.methods import continuum, hydrogen, mismatch
 from astra_dagster.methods.thepayne.flags import (
     BOUND_TOL,
     FATAL,
@@ -178,6 +178,8 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
         flag |= FLAGS["RV_AT_BOUND"]
     if r_chi_sq > HIGH_CHI2:
         flag |= FLAGS["HIGH_CHI2"]
+    if mismatch.is_poor_match(r_chi_sq):
+        flag |= FLAGS["POOR_MODEL_MATCH"]
     if hydrogen.has_hot_star_lines(apstar_wavelength()[model.pixels], flux,
                                    model.predict_scaled(p[None, :k])[0], weight):
         flag |= FLAGS["HYDROGEN_LINES"]

@@ -15,9 +15,11 @@ FLAGS: dict[str, int] = {
     "SINGULAR": 1 << 7,           # JᵀWJ not invertible: no uncertainties
     "AT_BOUND": 1 << 8,           # fe_h or alpha_m pinned at the edge of the training range: a limit
     "HYDROGEN_LINES": 1 << 9,     # Brackett lines far deeper than the best model: a hot star (methods.hydrogen)
+    "POOR_MODEL_MATCH": 1 << 10,  # reduced χ² above mismatch.POOR_MATCH_CHI2: not a star the emulator can make
 }
 #: Flags that make the labels meaningless (they are returned as None).
-FATAL = FLAGS["NO_DATA"] | FLAGS["OUTSIDE_RANGE"] | FLAGS["NOT_CONVERGED"] | FLAGS["HYDROGEN_LINES"]
+FATAL = (FLAGS["NO_DATA"] | FLAGS["OUTSIDE_RANGE"] | FLAGS["NOT_CONVERGED"] | FLAGS["HYDROGEN_LINES"]
+         | FLAGS["POOR_MODEL_MATCH"])
 #: Labels whose pinning at a bound means the star is outside the emulator's domain (hot stars,
 #: giants above the training branch); the abundance labels of the training set span a narrower
 #: range than the data's scatter, so at their bounds the value is a limit, not a failure.
