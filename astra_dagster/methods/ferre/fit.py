@@ -201,6 +201,7 @@ def fit_spectra(
     *,
     frozen: Mapping[str, float] | None = None,
     initial: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None = None,
+    screen_mismatch: bool = True,
 ) -> list[dict[str, Any]]:
     """Fit every spectrum (raw rest-frame apStar rows) against the grid; one ``astra.ferre``
     row dict per spectrum (see the module docstring for the steps and flags).
@@ -211,7 +212,9 @@ def fit_spectra(
     coarse scan's starts, clipped into the grid (``START_OUTSIDE_GRID``) when outside. Spectra
     whose ``meta["normalized"]`` is True are taken as already normalised by
     :mod:`~astra_dagster.methods.continuum`. Raises only for a wrong grid, wrong options or a
-    spectrum that is not on the rest-frame apStar grid.
+    spectrum that is not on the rest-frame apStar grid. ``screen_mismatch=False`` skips the
+    ``POOR_MODEL_MATCH`` screen: for noiseless calibration spectra, whose reduced χ² measures the
+    grid's interpolation error against a token ivar, not a mismatch with the data.
     """
     if not isinstance(grid, FerreGrid):
         raise FerreError(f"fit_spectra needs a FerreGrid, got {type(grid).__name__}")
@@ -222,11 +225,12 @@ def fit_spectra(
     fixed = _check_frozen(grid, frozen)
     if initial is not None and not isinstance(initial, Mapping) and len(initial) != len(spectra):
         raise FerreError(f"{len(initial)} initial guesses for {len(spectra)} spectra")
-    return [_fit_one(grid, s, fixed, _initial_for(initial, i, s)) for i, s in enumerate(spectra)]
+    return [_fit_one(grid, s, fixed, _initial_for(initial, i, s), screen_mismatch)
+            for i, s in enumerate(spectra)]
 
 
 def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
-             initial: Mapping[str, float] | None) -> dict[str, Any]:
+             initial: Mapping[str, float] | None, screen_mismatch: bool = True) -> dict[str, Any]:
     if spectrum.meta.get("normalized"):
         continuum.check_apstar_grid(spectrum.wavelength, str(spectrum.meta.get("path") or "spectrum"))
         norm = spectrum
@@ -341,7 +345,7 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
         row["bitmask_flag"] = flags | FLAGS["FLAT_CHI2"]
         return row
     # no grid spectrum explains the data (a real star today, issue #11): no labels
-    if mismatch.is_poor_match(red):
+    if screen_mismatch and mismatch.is_poor_match(red):
         row["bitmask_flag"] = flags | FLAGS["POOR_MODEL_MATCH"]
         return row
     # a hot star fitted at the grid's warm edge: its Brackett lines give it away (labels None)
