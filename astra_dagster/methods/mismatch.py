@@ -21,7 +21,10 @@ APOGEENet has no χ²; refining the generator from its labels gave synthetic 1.3
 (:mod:`astra_dagster.methods.apogeenet.screen`, threshold 20 on its own statistic).
 
 The threshold sits a factor ~3 above the largest synthetic value and ~2.4 below the smallest
-real one (the existing HIGH_CHI2 flags, 5-10, stay as warnings with labels written).
+real one (the existing HIGH_CHI2 flags, 5-10, stay as warnings with labels written). A model's
+small error grows in χ² as (S/N)², so where the S/N is known the residual beyond the noise,
+√(χ² − 1)/(S/N), must also exceed :data:`POOR_MATCH_FRACTION` (2 % of the continuum): bright
+synthetic stars reach χ² ~15 at 1 % off, the real stars are 3.5-14 % off.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ import numpy as np
 
 #: Reduced χ² above which the best model cannot explain the spectrum (see the module docstring).
 POOR_MATCH_CHI2 = 10.0
+#: ... and the residual beyond the noise, √(χ² − 1)/(S/N) as a fraction of the continuum, above
+#: which it is a mismatch, not a bright star's small model error: a synthetic giant at S/N ~400
+#: with χ² 15 is 0.9 % off (The Payne, default model); the real stars are 3.5-14 % off
+#: (χ² 24-459 at S/N 137-154). χ² alone would null every bright star whose model is 1 % off.
+POOR_MATCH_FRACTION = 0.02
 
 
 def reduced_chi_square(flux: np.ndarray, model: np.ndarray, ivar: np.ndarray, n_params: int = 0) -> float:
@@ -43,6 +51,12 @@ def reduced_chi_square(flux: np.ndarray, model: np.ndarray, ivar: np.ndarray, n_
     return float(np.sum(ivar[good] * (flux[good] - model[good]) ** 2) / (n - n_params))
 
 
-def is_poor_match(r_chi_sq: float | None) -> bool:
-    """True when ``r_chi_sq`` is above :data:`POOR_MATCH_CHI2` (never for None/NaN: no fit, no verdict)."""
-    return r_chi_sq is not None and bool(np.isfinite(r_chi_sq)) and float(r_chi_sq) > POOR_MATCH_CHI2
+def is_poor_match(r_chi_sq: float | None, snr: float | None = None) -> bool:
+    """True when ``r_chi_sq`` is above :data:`POOR_MATCH_CHI2` and, where the spectrum's S/N is
+    known, the excess residual √(χ² − 1)/(S/N) is above :data:`POOR_MATCH_FRACTION` (never for
+    None/NaN χ²: no fit, no verdict)."""
+    if r_chi_sq is None or not np.isfinite(r_chi_sq) or float(r_chi_sq) <= POOR_MATCH_CHI2:
+        return False
+    if snr is None or not np.isfinite(snr) or float(snr) <= 0:
+        return True
+    return float(np.sqrt(float(r_chi_sq) - 1.0) / float(snr)) > POOR_MATCH_FRACTION

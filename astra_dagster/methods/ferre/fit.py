@@ -345,7 +345,7 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
         row["bitmask_flag"] = flags | FLAGS["FLAT_CHI2"]
         return row
     # no grid spectrum explains the data (a real star today, issue #11): no labels
-    if screen_mismatch and mismatch.is_poor_match(red):
+    if screen_mismatch and mismatch.is_poor_match(red, snr):
         row["bitmask_flag"] = flags | FLAGS["POOR_MODEL_MATCH"]
         return row
     # a hot star fitted at the grid's warm edge: its Brackett lines give it away (labels None)

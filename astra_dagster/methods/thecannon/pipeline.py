@@ -101,7 +101,7 @@ def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, An
         flags = int(result.flags[i])
         if fitted[i] and hydrogen.has_hot_star_lines(wavelength, flux[i], best[i], ivar[i]):
             flags |= FLAGS["HYDROGEN_LINES"]
-        if fitted[i] and mismatch.is_poor_match(result.r_chi_sq[i]):
+        if fitted[i] and mismatch.is_poor_match(result.r_chi_sq[i], float(s.meta.get("snr") or np.nan)):
             flags |= FLAGS["POOR_MODEL_MATCH"]
         measured = not flags & FATAL
         row: dict[str, Any] = {"snr": _value(float(s.meta.get("snr") or np.nan))}

@@ -178,7 +178,7 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
         flag |= FLAGS["RV_AT_BOUND"]
     if r_chi_sq > HIGH_CHI2:
         flag |= FLAGS["HIGH_CHI2"]
-    if mismatch.is_poor_match(r_chi_sq):
+    if mismatch.is_poor_match(r_chi_sq, snr):
         flag |= FLAGS["POOR_MODEL_MATCH"]
     if hydrogen.has_hot_star_lines(apstar_wavelength()[model.pixels], flux,
                                    model.predict_scaled(p[None, :k])[0], weight):
