@@ -61,14 +61,12 @@ from astra_dagster.spectra.spectrum import C_KMS
 from astra_dagster.spectra.synth import (
     ALL_LABELS,
     RELEASE_SETTINGS,
-    VALID_RANGE,
     SynthesisSettings,
-    _check_wavelength,
     _sample,
     broadening_transfer,
-    fiber_resolving_power,
     grid_geometry,
     hidden_label_relations,
+    observation,
 )
 
 #: Recorded with spectra made by this model; bump when the rendering changes.
@@ -314,26 +312,14 @@ def physical_flux(
     for k, v in broad.items():
         if not (math.isfinite(v) and 0.0 <= v <= 400.0):
             raise PhysicalLabelError(f"label {k}={v} outside 0..400 km/s")
-    wave = _check_wavelength(wavelength)
-    if not math.isfinite(rv_kms) or abs(rv_kms) > 3000.0:
-        raise ValueError(f"rv_kms={rv_kms} outside ±3000 km/s")
-    rest = wave / (1.0 + rv_kms / C_KMS)
-    if rest.min() < VALID_RANGE[0] or rest.max() > VALID_RANGE[1]:
-        raise ValueError(f"rest-frame wavelengths {rest.min():.1f}-{rest.max():.1f} Å outside the "
-                         f"model's range {VALID_RANGE[0]}-{VALID_RANGE[1]} Å")
-    resolution = settings.resolution
-    if settings.fiber_resolution and fiber is not None:
-        resolution = fiber_resolving_power(fiber, settings.resolution)
+    obs = observation(wavelength, settings, rv_kms, fiber, model="model")
     step = settings.log10_step
     theta, start, n_data, n_fft = _theta_on_grid(family.name.removeprefix("synspec-"), step, settings.aligned)
     depth = np.zeros(n_fft)  # 1 - flux, zero-padded against FFT wrap-around
     depth[:n_data] = 1.0 - theta @ family.label_vector(lab)
-    pixel_px = 0.0
-    if settings.pixel_integration and wave.size > 1:
-        pixel_px = float(np.median(np.abs(np.diff(np.log10(wave))))) / step
     freq = np.fft.rfftfreq(n_fft)
-    transfer = broadening_transfer(freq, C_KMS * math.log(10.0) * step, n_fft, settings, resolution,
-                                   vmacro=broad["vmacro"], vsini=broad["vsini"], pixel_px=pixel_px,
-                                   shift_px=math.log10(1.0 + rv_kms / C_KMS) / step)
+    transfer = broadening_transfer(freq, C_KMS * math.log(10.0) * step, n_fft, settings, obs.resolution,
+                                   vmacro=broad["vmacro"], vsini=broad["vsini"], pixel_px=obs.pixel_px,
+                                   shift_px=obs.shift_px)
     internal = 1.0 - sfft.irfft(sfft.rfft(depth) * transfer, n_fft)
-    return _sample(internal, (np.log10(wave) - start) / step)
+    return _sample(internal, (np.log10(obs.wave) - start) / step)

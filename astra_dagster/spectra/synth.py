@@ -871,24 +871,42 @@ def synthesize(
     sets R when ``settings.fiber_resolution``. Deterministic: no randomness at all.
     """
     lab = _complete_labels(labels)
+    obs = observation(wavelength, settings, rv_kms, fiber, model="generator")
+    internal, grid = _render(lab, settings, obs.resolution, obs.shift_px, obs.pixel_px)
+    x = (np.log10(obs.wave) - grid.log10_start) / settings.log10_step
+    return _sample(internal, x)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """How a spectrum is observed on the generator's instrument (see :func:`observation`)."""
+
+    wave: np.ndarray       # the checked output wavelengths (Å, vacuum)
+    resolution: float      # R, the fiber's where the settings say so
+    shift_px: float        # the Doppler shift in internal-grid pixels
+    pixel_px: float        # the output pixel width in internal-grid pixels (0: no integration)
+
+
+def observation(wavelength: np.ndarray, settings: SynthesisSettings, rv_kms: float, fiber: int | None,
+                *, model: str) -> Observation:
+    """The checks and instrument set-up every spectral model on this instrument shares (the
+    generator here, :mod:`astra_dagster.spectra.physical` too): output grid, RV within ±3000 km/s,
+    rest-frame range within VALID_RANGE (``model`` names the model in that error), R and pixel box."""
     wave = _check_wavelength(wavelength)
     if not math.isfinite(rv_kms) or abs(rv_kms) > 3000.0:
         raise ValueError(f"rv_kms={rv_kms} outside ±3000 km/s")
     rest = wave / (1.0 + rv_kms / C_KMS)
     if rest.min() < VALID_RANGE[0] or rest.max() > VALID_RANGE[1]:
         raise ValueError(f"rest-frame wavelengths {rest.min():.1f}-{rest.max():.1f} Å outside the "
-                         f"generator's range {VALID_RANGE[0]}-{VALID_RANGE[1]} Å")
+                         f"{model}'s range {VALID_RANGE[0]}-{VALID_RANGE[1]} Å")
     resolution = settings.resolution
     if settings.fiber_resolution and fiber is not None:
         resolution = fiber_resolving_power(fiber, settings.resolution)
     step = settings.log10_step
-    shift_px = math.log10(1.0 + rv_kms / C_KMS) / step
     pixel_px = 0.0
     if settings.pixel_integration and wave.size > 1:
         pixel_px = float(np.median(np.abs(np.diff(np.log10(wave))))) / step
-    internal, grid = _render(lab, settings, resolution, shift_px, pixel_px)
-    x = (np.log10(wave) - grid.log10_start) / step
-    return _sample(internal, x)
+    return Observation(wave, resolution, math.log10(1.0 + rv_kms / C_KMS) / step, pixel_px)
 
 
 def continuum(labels: Mapping[str, float], wavelength: np.ndarray) -> np.ndarray:
