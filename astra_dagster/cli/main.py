@@ -31,6 +31,24 @@ class AstraCliError(click.ClickException):
         click.echo(f"astra: {self.format_message()}", err=True)
 
 
+class _WithoutDagsterEchoes:
+    """stderr without Dagster's "Exception while writing logger call to event log: database
+    unreachable ..." lines: when the server goes away the command's own last line says it once."""
+
+    _ECHO = "Exception while writing logger call to event log: database unreachable at "
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith(self._ECHO):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """Turn expected failures into one line on stderr and a non-zero exit code."""
 
@@ -38,15 +56,20 @@ def one_line_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from astra_dagster.db.connection import DatabaseUnavailableError
         from astra_dagster.lineage.recreate import UnknownTaskError
+        from astra_dagster.orchestration.guard import StepAborted
 
+        saved, sys.stderr = sys.stderr, _WithoutDagsterEchoes(sys.stderr)
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
         except UnknownTaskError as exc:
             raise AstraCliError(_one_line(exc), EXIT_UNKNOWN) from exc
-        except (DatabaseUnavailableError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        except (DatabaseUnavailableError, StepAborted, ValueError, KeyError, FileNotFoundError,
+                OSError) as exc:
             raise AstraCliError(_one_line(exc)) from exc
+        finally:
+            sys.stderr = saved
 
     return wrapper
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,49 @@ EMBEDDED_DATABASE = "astra"
 
 class DatabaseUnavailableError(RuntimeError):
     """The Astra database cannot be reached; the message names the (masked) URL."""
+
+
+def unreachable(url: str, reason: BaseException | str) -> DatabaseUnavailableError:
+    """The one-line error for a server that went away: where it is (as ``astra db url`` prints
+    it, password masked) and libpq's reason."""
+    text = reason if isinstance(reason, str) else _first_line(getattr(reason, "orig", None) or reason)
+    libpq = urlunsplit(urlsplit(url)._replace(scheme="postgresql"))
+    return DatabaseUnavailableError(f"database unreachable at {mask_password(libpq)}: {text}")
+
+
+# Per process: when a server was last found unreachable. While that is recent, callers get one
+# connection attempt instead of a retry loop, so a dead server fails a run in seconds, not
+# minutes of "Retrying failed database connection" per event.
+_down_since: dict[str, float] = {}
+DOWN_MEMORY_SECONDS = 30.0
+
+
+def server_key(url: str) -> str:
+    """Host, port and user of a URL: what tells two databases of one server apart from two servers."""
+    parts = urlsplit(url)
+    return f"{parts.username}@{parts.hostname}:{parts.port}?{parts.query}"
+
+
+def mark_down(url: str) -> None:
+    _down_since.setdefault(server_key(url), time.monotonic())
+
+
+def mark_up(url: str) -> None:
+    _down_since.pop(server_key(url), None)
+
+
+def recently_down(url: str) -> bool:
+    since = _down_since.get(server_key(url))
+    return since is not None and time.monotonic() - since < DOWN_MEMORY_SECONDS
+
+
+def probe(url: str, timeout: float = 3.0) -> str | None:
+    """None when the server accepts a connection now; else libpq's reason (one line)."""
+    try:
+        psycopg.connect(url, connect_timeout=max(1, int(timeout)), autocommit=True).close()
+    except psycopg.Error as exc:
+        return _first_line(exc)
+    return None
 
 
 def mask_password(url: str) -> str:
@@ -128,14 +172,14 @@ def _pool(url: str) -> ConnectionPool:
         if pool is None:
             # A direct connection first: fails fast with libpq's reason (the pool would only
             # report a timeout after retrying in the background).
-            try:
-                psycopg.connect(url, connect_timeout=10).close()
-            except psycopg.Error as exc:
-                raise DatabaseUnavailableError(
-                    f"cannot reach the Astra database at {mask_password(url)}: {_first_line(exc)}"
-                ) from exc
+            reason = probe(url, timeout=10)
+            if reason is not None:
+                mark_down(url)
+                raise unreachable(url, reason)
             pool = ConnectionPool(
                 url, min_size=0, max_size=8, open=True, kwargs={"connect_timeout": 10},
+                # An idle connection from before a server restart is found dead at checkout.
+                check=ConnectionPool.check_connection,
                 name=f"astra-{os.getpid()}",
             )
             _pools[key] = pool
@@ -144,17 +188,61 @@ def _pool(url: str) -> ConnectionPool:
 
 @contextmanager
 def connect(url: str | None = None, *, timeout: float = 30.0) -> Iterator[psycopg.Connection]:
-    """A pooled connection to the Astra database; commits on success, rolls back on error."""
+    """A pooled connection to the Astra database; commits on success, rolls back on error.
+
+    A server that went away raises :class:`DatabaseUnavailableError` within seconds (not after
+    ``timeout``): the pool is asked in short waits with a direct probe in between, and a
+    connection that broke while in use is reported the same way.
+    """
     from psycopg_pool import PoolTimeout
 
+    from astra_dagster.orchestration.guard import aborted
+
+    if (abort := aborted()) is not None:  # orphaned step: no more writes under its dead run
+        raise abort
     url = url or database_url()
+    if recently_down(url) and (reason := probe(url, timeout=2)) is not None:
+        raise unreachable(url, reason)
+    pool = _pool(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # Short waits: a busy pool keeps us waiting up to ``timeout``, a dead server does not.
+            conn = pool.getconn(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            break
+        except PoolTimeout as exc:
+            reason = probe(url, timeout=2)
+            if reason is not None:
+                mark_down(url)
+                raise unreachable(url, reason) from exc
+            if time.monotonic() >= deadline:
+                raise DatabaseUnavailableError(
+                    f"no connection to the Astra database at {mask_password(url)} within {timeout:g} s "
+                    "(the server answers, but the pool is exhausted)"
+                ) from exc
     try:
-        with _pool(url).connection(timeout=timeout) as conn:
-            yield conn
-    except PoolTimeout as exc:
-        raise DatabaseUnavailableError(
-            f"no connection to the Astra database at {mask_password(url)} within {timeout:g} s"
-        ) from exc
+        yield conn
+        conn.commit()
+    except psycopg.OperationalError as exc:
+        # OperationalError also covers cancelled statements and deadlocks: only a connection
+        # that broke means the server went away.
+        if conn.broken:
+            mark_down(url)
+            raise unreachable(url, exc) from exc
+        _rollback(conn)
+        raise
+    except BaseException:
+        _rollback(conn)
+        raise
+    else:
+        mark_up(url)
+    finally:
+        pool.putconn(conn)  # the pool replaces a broken connection
+
+
+def _rollback(conn: psycopg.Connection) -> None:
+    if not (conn.broken or conn.closed):
+        conn.rollback()
 
 
 def close_pools() -> None:

