@@ -23,6 +23,7 @@ from astra_dagster.db.schema import ensure_schema
 from astra_dagster.lineage import store
 from astra_dagster.lineage.config import AstraConfig
 from astra_dagster.lineage.identity import TaskIdentity
+from astra_dagster.orchestration.guard import guard_step
 
 
 @dataclass
@@ -100,6 +101,7 @@ def run_tasks(
     fails only its own task.
     """
     started = time.perf_counter()
+    guard_step(context, database_url)  # stops the work if the parent process or the database dies
     ensure_schema(database_url)
     log = context.log
     only = set(getattr(config, "only_sources", None) or [])
