@@ -42,7 +42,8 @@ class AstraIOManager(dg.ConfigurableIOManager):
             )
         try:
             with connect(self.database_url) as conn, conn.transaction():
-                report = store.finish_tasks(conn, obj.table, obj.outcomes, force=obj.force)
+                report = store.finish_tasks(conn, obj.table, obj.outcomes, force=obj.force,
+                                            run_id=context.run_id)
                 n_computed = report.written
                 n_skipped = obj.n_skipped + report.already_done
                 if obj.parent_pk is not None:
@@ -50,13 +51,13 @@ class AstraIOManager(dg.ConfigurableIOManager):
                         conn, obj.parent_pk, time.perf_counter() - obj.started,
                         partition_first=obj.partition_first, partition_last=obj.partition_last,
                         n_sources=obj.n_items, n_computed=n_computed, n_skipped=n_skipped,
-                        n_failed=report.failed,
+                        n_failed=report.failed, run_id=context.run_id,
                     )
         except Exception as exc:
             if obj.parent_pk is not None:
                 with connect(self.database_url) as conn:
                     store.fail_task(conn, obj.parent_pk, f"{type(exc).__name__}: {exc}",
-                                    time.perf_counter() - obj.started)
+                                    time.perf_counter() - obj.started, run_id=context.run_id)
             raise
         metadata: dict[str, Any] = {
             "astra/family": obj.family,

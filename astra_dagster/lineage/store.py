@@ -114,6 +114,9 @@ def create_tasks(
     """Get-or-create task rows (status 0) with their parameter rows and links.
 
     Returns task_hash → row for every identity (existing tasks keep their status and output).
+    ``run_id`` is recorded on new tasks only: an existing task keeps the run that produced its
+    status and output until :func:`finish_tasks` writes this run's (a run that dies before then
+    must not be named as their author).
     """
     if not identities:
         return {}
@@ -136,7 +139,7 @@ def create_tasks(
         select s.task_module, s.task_id, s.task_hash, s.source_pk, %s, %s
         from _astra_stage_task s order by s.task_hash
         on conflict (task_module, task_hash) do update
-            set modified = now(), run_id = coalesce(excluded.run_id, t.run_id)
+            set modified = now()
         returning pk, task_hash, status_code, output_pk, (xmax = 0) as created
         """,
         (asset_key, run_id),
@@ -246,8 +249,12 @@ def finish_tasks(
     outcomes: Sequence[Outcome],
     *,
     force: bool = False,
+    run_id: str | None = None,
 ) -> FinishReport:
     """Write results and final status of ``outcomes`` in the caller's transaction.
+
+    Each task written (result or failure) gets ``run_id``, the run that wrote it; tasks left
+    alone (finished concurrently elsewhere) keep theirs.
 
     Task rows are locked first (in pk order), so when two processes finish the same task only
     the first writes a result; the second finds it succeeded and writes nothing. With
@@ -302,12 +309,14 @@ def finish_tasks(
             """
             update astra.task t
                set status_code = u.status, duration = u.duration, error = u.error,
-                   output_pk = coalesce(u.output_pk, t.output_pk), modified = now()
+                   output_pk = coalesce(u.output_pk, t.output_pk), modified = now(),
+                   run_id = coalesce(%s, t.run_id)
               from unnest(%s::bigint[], %s::int[], %s::real[], %s::text[], %s::bigint[])
                    as u(pk, status, duration, error, output_pk)
              where t.pk = u.pk
             """,
             (
+                run_id,
                 [o.task_pk for o, _ in updates],
                 [o.status_code for o, _ in updates],
                 [float(o.duration) for o, _ in updates],
@@ -363,12 +372,13 @@ def _copy_results(
                 copy.write_row([out, *(_to_db(row.get(c)) for c in used)])
 
 
-def fail_task(conn: psycopg.Connection, task_pk: int, error: str, duration: float | None) -> None:
-    """Mark one task failed (a batch parent whose step crashed)."""
+def fail_task(conn: psycopg.Connection, task_pk: int, error: str, duration: float | None,
+              *, run_id: str | None = None) -> None:
+    """Mark one task failed (a batch parent whose step crashed), by run ``run_id``."""
     conn.execute(
-        "update astra.task set status_code = %s, error = %s, duration = %s, modified = now() "
-        "where pk = %s",
-        (STATUS_FAILURE, error, duration, task_pk),
+        "update astra.task set status_code = %s, error = %s, duration = %s, modified = now(), "
+        "run_id = coalesce(%s, run_id) where pk = %s",
+        (STATUS_FAILURE, error, duration, run_id, task_pk),
     )
 
 
@@ -383,13 +393,14 @@ def finish_parent(
     n_computed: int,
     n_skipped: int,
     n_failed: int,
+    run_id: str | None = None,
 ) -> None:
     """Close a batch parent: status, the whole step's duration and the per-batch counts."""
     error = f"{n_failed} of {n_computed + n_failed} sources failed" if n_failed else None
     conn.execute(
-        "update astra.task set status_code = %s, duration = %s, error = %s, modified = now() "
-        "where pk = %s",
-        (STATUS_SUCCESS, duration, error, parent_pk),
+        "update astra.task set status_code = %s, duration = %s, error = %s, modified = now(), "
+        "run_id = coalesce(%s, run_id) where pk = %s",
+        (STATUS_SUCCESS, duration, error, run_id, parent_pk),
     )
     conn.execute(
         """
