@@ -320,7 +320,7 @@ def finish_tasks(
                 [o.task_pk for o, _ in updates],
                 [o.status_code for o, _ in updates],
                 [float(o.duration) for o, _ in updates],
-                [o.error for o, _ in updates],
+                [_storable(o.error) for o, _ in updates],
                 [out for _, out in updates],
             ),
         )
@@ -334,6 +334,15 @@ def finish_tasks(
         )
         conn.execute("delete from astra.output_interface where pk = any(%s)", (old_outputs,))
     return FinishReport(written=len(to_write), failed=len(to_fail), already_done=already_done)
+
+
+def _storable(text: str | None) -> str | None:
+    """An error message as PostgreSQL text can hold it: an exception's message may quote raw
+    input (a NUL or a lone surrogate from a hostile file would fail the whole batch's write)."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _result_rows(outcome: Outcome) -> list[Mapping[str, Any]]:
@@ -378,7 +387,7 @@ def fail_task(conn: psycopg.Connection, task_pk: int, error: str, duration: floa
     conn.execute(
         "update astra.task set status_code = %s, error = %s, duration = %s, modified = now(), "
         "run_id = coalesce(%s, run_id) where pk = %s",
-        (STATUS_FAILURE, error, duration, run_id, task_pk),
+        (STATUS_FAILURE, _storable(error), duration, run_id, task_pk),
     )
 
 

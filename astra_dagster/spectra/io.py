@@ -36,6 +36,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 def read_spectra(path: str | os.PathLike[str]) -> list[Spectrum]:
     """Every spectrum in the file, whatever its (supported) format."""
+    from astropy.io.fits.verify import VerifyError
+
+    try:
+        return _read_spectra(path)
+    except VerifyError as exc:
+        # astropy parses a card only when it is read: a control character in a header value
+        # surfaces here, after the file opened fine.
+        raise SpectrumFormatError(path, f"unparsable header ({str(exc).splitlines()[0]})") from None
+
+
+def _read_spectra(path: str | os.PathLike[str]) -> list[Spectrum]:
     fmt = detect_format(path)
     if fmt == "apStar":
         return read_apstar(path)

@@ -20,6 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astra_dagster.spectra.text import (
+    MAX_ID,
+    MAX_NAME,
+    MAX_PATH,
+    UnsafeTextError,
+    checked_number,
+    checked_text,
+)
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "astra-release/1"
 #: File formats a release may list per source.
@@ -85,48 +94,91 @@ def file_entry(root: Path, path: Path, fmt: str) -> ReleaseFile:
     return ReleaseFile(str(path.relative_to(root)), fmt, sha256_file(path), path.stat().st_size)
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _file(raw: Any, where: str) -> ReleaseFile:
-    try:
-        entry = ReleaseFile(str(raw["path"]), str(raw.get("format", "")), str(raw["sha256"]),
-                            int(raw["size"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(f"{where}: file entry {raw!r} lacks path, sha256 or size") from exc
-    if entry.path.startswith("/") or ".." in Path(entry.path).parts:
-        raise ManifestError(f"{where}: file path {entry.path!r} must be relative to the release folder")
-    return entry
+    if not isinstance(raw, dict) or not all(k in raw for k in ("path", "sha256", "size")):
+        raise ManifestError(f"{where}: file entry {ascii(raw)[:80]} lacks path, sha256 or size")
+    path = checked_text(raw["path"], where=where, field="file path", max_length=MAX_PATH,
+                        identifier=True)
+    if path.startswith("/") or ".." in Path(path).parts:
+        raise ManifestError(f"{where}: file path {ascii(path)[1:-1]} must be relative to the release folder")
+    where = f"{where} {ascii(path)[1:-1]}"
+    fmt = checked_text(raw.get("format", ""), where=where, field="format", max_length=MAX_NAME)
+    sha = checked_text(raw["sha256"], where=where, field="sha256", max_length=64)
+    if len(sha) != 64 or not set(sha) <= _HEX:
+        raise ManifestError(f"{where}: sha256 must be 64 lower-case hex digits, got {ascii(sha)[:80]}")
+    size = raw["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ManifestError(f"{where}: size must be a non-negative integer, got {ascii(size)[:40]}")
+    return ReleaseFile(path, fmt, sha, size)
 
 
 def read_manifest(release_dir: Path) -> Manifest:
-    """Parse and validate ``release_dir/manifest.json``."""
-    path = Path(release_dir) / MANIFEST_NAME
+    """Parse and validate ``release_dir/manifest.json``: every string that will reach the
+    database is checked first (:mod:`astra_dagster.spectra.text`), so a bad entry refuses the
+    whole release with one line and nothing of it is written."""
+    try:
+        return _read_manifest(Path(release_dir))
+    except UnsafeTextError as exc:
+        raise ManifestError(str(exc)) from None
+
+
+def _read_manifest(release_dir: Path) -> Manifest:
+    path = release_dir / MANIFEST_NAME
+    checked_text(str(release_dir.resolve()), where=ascii(str(release_dir))[1:-1],
+                 field="release folder path", max_length=MAX_PATH)
     if not path.exists():
         raise ManifestError(f"{release_dir}: no {MANIFEST_NAME} (release incomplete or not a release)")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at "
+                            f"offset {exc.start})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ManifestError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ManifestError(f"{path}: format must be {FORMAT!r}, got {found!r}")
+        raise ManifestError(f"{path}: format must be {FORMAT!r}, got {ascii(found)[:80]}")
     if not raw.get("release"):
         raise ManifestError(f"{path}: no release name")
+    release = checked_text(raw["release"], where=str(path), field="release name", identifier=True)
+    raw_sources = raw.get("sources") or []
+    raw_files = raw.get("files") or []
+    if not isinstance(raw_sources, list) or not isinstance(raw_files, list):
+        raise ManifestError(f"{path}: sources and files must be lists")
     sources = []
     seen: set[str] = set()
-    for i, src in enumerate(raw.get("sources") or []):
+    for i, src in enumerate(raw_sources):
         where = f"{path} sources[{i}]"
-        if not isinstance(src, dict) or not src.get("source_id"):
+        if not isinstance(src, dict) or src.get("source_id") in (None, ""):
             raise ManifestError(f"{where}: no source_id")
-        if src["source_id"] in seen:
-            raise ManifestError(f"{where}: source {src['source_id']} listed twice")
-        seen.add(src["source_id"])
-        files = tuple(_file(f, f"{where} ({src['source_id']})") for f in src.get("files") or [])
+        source_id = checked_text(src["source_id"], where=where, field="source_id", max_length=MAX_ID,
+                                 identifier=True)
+        where = f"{where} ({source_id})"
+        if source_id in seen:
+            raise ManifestError(f"{where}: source {source_id} listed twice")
+        seen.add(source_id)
+        entries = src.get("files") or []
+        if not isinstance(entries, list):
+            raise ManifestError(f"{where}: files must be a list")
+        files = tuple(_file(f, where) for f in entries)
         for f in files:
             if f.format not in FILE_FORMATS:
-                raise ManifestError(f"{where}: {f.path} has unknown format {f.format!r}")
-        sources.append(ReleaseSource(src["source_id"], files, src.get("ra"), src.get("dec")))
-    extra = tuple(_file(f, str(path)) for f in raw.get("files") or [])
+                raise ManifestError(f"{where}: {f.path} has unknown format {ascii(f.format)[:40]}")
+        ra = checked_number(src.get("ra"), where=where, field="ra", lo=0.0, hi=360.0)
+        dec = checked_number(src.get("dec"), where=where, field="dec", lo=-90.0, hi=90.0)
+        sources.append(ReleaseSource(source_id, files, ra, dec))
+    extra = tuple(_file(f, str(path)) for f in raw_files)
     meta = {k: v for k, v in raw.items() if k not in ("sources", "files")}
-    return Manifest(release=str(raw["release"]), sources=tuple(sources), files=extra, meta=meta)
+    return Manifest(release=release, sources=tuple(sources), files=extra, meta=meta)
 
 
 def write_manifest(

@@ -10,6 +10,11 @@ from typing import Any
 from astra_dagster.spectra.errors import SpectrumFormatError
 from astra_dagster.spectra.io import read_spectra
 from astra_dagster.spectra.manifest import sha256_file
+from astra_dagster.spectra.text import MAX_ID, MAX_NAME, MAX_PATH, UnsafeTextError, checked_text
+
+#: Values the spectrum table accepts for the readers' kind and frame (its check constraints).
+KINDS = ("visit", "stack")
+FRAMES = ("observed", "rest")
 
 
 class RegistrationError(ValueError):
@@ -43,23 +48,46 @@ def spectrum_rows(
             raise RegistrationError(str(exc)) from exc
         for spectrum in spectra:
             meta = spectrum.meta
-            owner = meta.get("source_id")
+            try:
+                row = _header_strings(path, meta)
+            except UnsafeTextError as exc:
+                raise RegistrationError(str(exc)) from None
+            owner = row.pop("owner")
             if owner and owner != source_id:
                 raise RegistrationError(f"{path}: holds source {owner}, not {source_id} (unknown source)")
             rows.append({
-                "path": str(path.resolve()),
+                **row,
                 "file_format": fmt,
-                "kind": meta.get("kind", "visit"),
-                "frame": meta.get("frame", "observed"),
                 "row_index": int(meta.get("index", 0)),
                 "snr": _float(meta.get("snr")),
                 "mjd": _int(meta.get("mjd")),
                 "jd": _float(meta.get("jd")),
-                "telescope": meta.get("telescope"),
                 "fiber": _int(meta.get("fiber")),
                 "sha256": sha256,
             })
     return rows
+
+
+def _header_strings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The strings of a spectrum's header that reach the database, checked (one line naming the
+    file and the keyword on failure): NUL, control characters, encoding, length."""
+    where = ascii(str(path))[1:-1]
+    kind = meta.get("kind", "visit")
+    frame = meta.get("frame", "observed")
+    if kind not in KINDS or frame not in FRAMES:
+        raise UnsafeTextError(f"{where}: spectrum kind/frame {ascii(kind)[:40]}/{ascii(frame)[:40]} "
+                              f"is not one of {KINDS}/{FRAMES}")
+    telescope = meta.get("telescope")
+    owner = meta.get("source_id")
+    return {
+        "path": checked_text(str(path.resolve()), where=where, field="path", max_length=MAX_PATH),
+        "kind": kind,
+        "frame": frame,
+        "telescope": None if telescope is None else checked_text(
+            str(telescope), where=where, field="header TELESCOP", max_length=MAX_NAME),
+        "owner": None if owner in (None, "") else checked_text(
+            str(owner), where=where, field="header source id (OBJID)", max_length=MAX_ID),
+    }
 
 
 def _float(value: Any) -> float | None:
