@@ -157,3 +157,67 @@ def test_postmaster_killed_mid_run_fails_fast_with_one_line(private_home: Path, 
     # The dead run wrote nothing: the task still names the run that produced its output.
     assert _task(url, task_id) == before
     print(f"re-run failed {seconds:.1f} s after kill -9 of the postmaster: {lines[0]}")
+
+
+# ---------------------------------------------------------------------------- point 1: run monitoring
+
+
+def test_dagster_yaml_enables_run_monitoring_with_a_health_check(astra_home: Path) -> None:
+    import dagster as dg
+    import yaml
+
+    from astra_dagster.orchestration.instance import write_dagster_yaml
+    from astra_dagster.orchestration.monitoring import AstraRunLauncher
+
+    path = write_dagster_yaml()
+    written = yaml.safe_load(path.read_text())
+    assert written["run_monitoring"]["enabled"] is True
+    instance = dg.DagsterInstance.from_config(str(path.parent))  # Dagster validates the yaml
+    try:
+        assert instance.run_monitoring_enabled
+        assert isinstance(instance.run_launcher, AstraRunLauncher)
+        assert instance.run_launcher.supports_check_run_worker_health
+        # `astra ui` runs `dagster dev`, whose daemon runs every required daemon: this one too.
+        assert "MONITORING" in instance.get_required_daemon_types()
+    finally:
+        instance.dispose()
+
+
+def test_monitoring_daemon_fails_a_run_whose_process_group_was_killed(
+        database: str, astra_home: Path, tmp_path: Path) -> None:
+    """kill -9 of the whole process group (CLI and step: no guard survives) leaves the run
+    STARTED; the monitoring daemon marks it FAILURE within its poll interval."""
+    import dagster as dg
+
+    from astra_dagster.orchestration.instance import MONITORING_POLL_SECONDS, write_dagster_yaml
+    from astra_dagster_tests.dagster_processes import dagster_services
+
+    write_dagster_yaml()
+    task_id = RandomNumberGeneratorTask(seed=92_003, delay_time=120).identity().task_id
+    log = tmp_path / "materialize.log"
+    env = _env(astra_home)
+    with dagster_services("astra_dagster.definitions", env, tmp_path, webserver=False):
+        with open(log, "w") as out:
+            cli = subprocess.Popen(_materialize_cmd(92_003, 120), cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for(lambda: _task(database, task_id) is not None, 120, "task row", cli, log)
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+            killed = time.monotonic()
+            run_id = _task(database, task_id)[1]
+            instance = dg.DagsterInstance.get()
+            # Poll interval plus the daemon's own start-up; 60 s is the bound asked for.
+            _wait_for(lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE,
+                      60, "run marked FAILURE by the monitoring daemon", None, tmp_path / "daemon.log")
+            seconds = time.monotonic() - killed
+        finally:
+            if cli.poll() is None:
+                os.killpg(cli.pid, signal.SIGKILL)
+    failure = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    print([e.message for e in failure])
+    assert len(failure) == 1 and f"(pid {cli.pid}) is gone" in (failure[0].message or "")
+    assert "Detected run worker status" in failure[0].message  # the monitoring daemon's words
+    assert _task(database, task_id)[0] == 0  # nothing was written for it
+    print(f"run FAILURE {seconds:.1f} s after kill -9 of its process group "
+          f"(poll interval {MONITORING_POLL_SECONDS} s)")

@@ -20,6 +20,8 @@ MAX_CONCURRENT_RUNS = 4
 TRAINING_TAG = "astra/training"
 #: At most this many training runs at once: one queue slot always stays free for range runs.
 MAX_TRAINING_RUNS = MAX_CONCURRENT_RUNS - 1
+#: Seconds between the monitoring daemon's checks of running runs (Dagster's default is 120).
+MONITORING_POLL_SECONDS = 10
 
 
 def dagster_yaml(settings: Settings) -> dict:
@@ -41,6 +43,12 @@ def dagster_yaml(settings: Settings) -> dict:
         },
         "run_queue": {"max_concurrent_runs": MAX_CONCURRENT_RUNS,
                       "tag_concurrency_limits": [{"key": TRAINING_TAG, "limit": MAX_TRAINING_RUNS}]},
+        # The default launcher plus a health check: the monitoring daemon (which `astra ui`
+        # starts with `dagster dev`) marks a run FAILURE once the process that ran it is gone.
+        "run_launcher": {"module": "astra_dagster.orchestration.monitoring", "class": "AstraRunLauncher"},
+        "run_monitoring": {"enabled": True, "poll_interval_seconds": MONITORING_POLL_SECONDS,
+                           "start_timeout_seconds": 180, "cancel_timeout_seconds": 180,
+                           "max_resume_run_attempts": 0},
         "telemetry": {"enabled": False},
         "nux": {"enabled": False},
     }
