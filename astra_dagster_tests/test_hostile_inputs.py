@@ -144,3 +144,21 @@ def test_an_overlong_header_value_fails_its_source(tmp_path: Path) -> None:
 def test_read_manifest_keeps_good_values(tmp_path: Path) -> None:
     manifest = read_manifest(_write(tmp_path / "ok", _manifest(12345)))
     assert [s.source_id for s in manifest.sources] == ["2M00000000+0000000", "12345"]
+
+
+def test_string_config_values(clean_db: str) -> None:
+    """A NUL in a Config string is refused naming the field; SQL, unicode and 5,000-character
+    values are stored verbatim as parameter rows."""
+    from astra_dagster.defs.spectra import RegisterSpectra
+    from astra_dagster.lineage import store
+    from astra_dagster.lineage.identity import TaskIdentity
+
+    with pytest.raises(ValueError, match="config field 'only_sources' contains a NUL character"):
+        RegisterSpectra(only_sources=["2M0001\x00"])
+    odd = ["x'); drop table astra.parameter; --", "星-1 ünïcödé", "v" * 5000]
+    identities = [TaskIdentity.build("tests.hostile", "Hostile.Task", {"label": value}) for value in odd]
+    with connect() as conn:
+        store.create_tasks(conn, identities)
+        stored = conn.execute("select parameter_value from astra.parameter where parameter_name = 'label' "
+                              "order by pk").fetchall()
+    assert sorted(v for (v,) in stored) == sorted(odd)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import dagster as dg
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from astra_dagster.lineage.identity import TaskIdentity
 from astra_dagster.settings import version_parts
@@ -46,6 +46,16 @@ class AstraConfig(dg.Config):
         default=False,
         description="Recompute even if an identical task already succeeded, replacing its output.",
     )
+
+    @model_validator(mode="after")
+    def _storable_strings(self) -> AstraConfig:
+        """String values become parameter rows: refuse what PostgreSQL text cannot hold (NUL,
+        invalid UTF-8) here, with the field's name, not as a driver error mid-run."""
+        for name in type(self).model_fields:
+            problem = _string_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"config field {name!r} {problem}")
+        return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,6 +120,22 @@ class SourceTaskConfig(AstraConfig):
         default=[],
         description="Run only these source_ids of the selected partitions (others are left alone).",
     )
+
+
+def _string_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "contains a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid UTF-8"
+        return None
+    if isinstance(value, list | tuple):
+        return next((p for p in map(_string_problem, value) if p), None)
+    if isinstance(value, dict):
+        return next((p for p in map(_string_problem, [*value.keys(), *value.values()]) if p), None)
+    return None
 
 
 def _parse(annotation: Any, text: str, name: str) -> Any:
