@@ -253,3 +253,14 @@ def test_postmaster_killed_under_plain_dagster_fails_fast(private_home: Path, tm
     assert len(last) == 1 and "database unreachable at " in last[0], text[-3000:]
     assert str(private_home / "pgdata") in last[0]
     print(f"dagster asset materialize failed {seconds:.1f} s after kill -9 of the postmaster")
+
+
+def test_run_id_names_the_run_that_wrote_the_task(clean_db: str) -> None:
+    """A forced re-run that succeeds takes the task over; one that skips it leaves it alone."""
+    from astra_dagster.orchestration.build import build
+
+    first = build([RandomNumberGeneratorTask(seed=92_005)], log_level="WARNING")[0]
+    forced = build([RandomNumberGeneratorTask(seed=92_005, force=True)], log_level="WARNING")[0]
+    assert _task(clean_db, first.task_id)[1] == forced.run_id != first.run_id
+    skipped = build([RandomNumberGeneratorTask(seed=92_005)], log_level="WARNING")[0]
+    assert skipped.success and _task(clean_db, first.task_id)[1] == forced.run_id
