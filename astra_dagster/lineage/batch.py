@@ -18,6 +18,7 @@ writes the materialisation metadata (and, for single tasks such as models, the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -308,12 +309,10 @@ def _stream(context: Any, work: Work, to_run: list[tuple[TaskItem, TaskIdentity]
 
 
 def _fail_parent(url: str, result: TaskBatch, exc: BaseException) -> None:
-    try:
-        with connect(url) as conn:
-            store.fail_task(conn, result.parent_pk, f"{type(exc).__name__}: {exc}",
-                            time.perf_counter() - result.started)
-    except Exception:  # the database itself may be what failed; the run's error says so
-        pass
+    # the database itself may be what failed; the run's own error says so
+    with contextlib.suppress(Exception), connect(url) as conn:
+        store.fail_task(conn, result.parent_pk, f"{type(exc).__name__}: {exc}",
+                        time.perf_counter() - result.started)
 
 
 def _has_asset(context: Any) -> bool:

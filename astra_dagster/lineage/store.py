@@ -6,6 +6,7 @@ per batch is constant, never one per task or per row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -511,10 +512,9 @@ def release_run_lease(run_id: str) -> None:
             _leases[run_id] = (conn, count - 1)
             return
         del _leases[run_id]
-    try:
-        conn.close()  # closing the session drops its advisory locks
-    except Exception:  # the server may already be gone; the lock went with it
-        pass
+    # closing the session drops its advisory locks (if the server is gone, they went with it)
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 def live_runs(conn: psycopg.Connection, run_ids: Iterable[str | None]) -> set[str]:
