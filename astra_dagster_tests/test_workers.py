@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pytest
 
 from astra_dagster.db.connection import connect
@@ -70,9 +69,7 @@ def test_pool_gives_the_serial_rows_and_task_ids(clean_db: str, tmp_path: Path,
     assert len(serial["doppler"]) == 8
     for asset in ("spectra", "doppler"):
         assert [r[:3] for r in pooled[asset]] == [r[:3] for r in serial[asset]]  # same tasks, same sources
-        for a, b in zip(pooled[asset], serial[asset], strict=True):
-            for x, y in zip(a[3:], b[3:], strict=True):
-                assert np.array_equal(np.asarray(x, dtype=object), np.asarray(y, dtype=object)), (asset, a, b)
+        assert repr(pooled[asset]) == repr(serial[asset])  # same values, bit for bit (repr: NaN == NaN)
     # every task got its own positive science time on the workers too
     assert new_durations.keys() == durations.keys() and all(d > 0 for d in new_durations.values())
 
