@@ -85,11 +85,17 @@ class LocalPool:
         try:
             pool = [_Worker(ctx) for _ in range(min(self.workers, len(pending)))]
             while pending or any(w.job for w in pool):
-                for worker in pool:
+                for i, worker in enumerate(pool):
                     if worker.job is None and pending:
-                        indices, items, retried = pending.popleft()
-                        worker.job = (indices, items, retried)
-                        worker.conn.send((work, items))
+                        job = pending.popleft()
+                        try:
+                            worker.conn.send((work, job[1]))
+                        except (OSError, ValueError):  # it died while idle: no source was lost
+                            pending.appendleft(job)
+                            worker.stop()
+                            pool[i] = _Worker(ctx)
+                            continue
+                        worker.job = job
                 busy = [w for w in pool if w.job]
                 ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
                 for i, worker in enumerate(pool):
