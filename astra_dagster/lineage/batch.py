@@ -172,9 +172,10 @@ def run_tasks(
         ).hexdigest()
         parent = config.identity({"batch_first": first or "", "batch_last": last or "",
                                   "batch_children": children_digest, "batch_run_id": run_id})
-        # Held before any row is claimed: a status-0 row of a live run is never taken for abandoned.
-        store.acquire_run_lease(url, run_id)
-        result.lease = True
+    # Held before any row is claimed (a status-0 row of a live run is never taken for abandoned),
+    # until the IO manager has closed the batch or written the single task.
+    store.acquire_run_lease(url, run_id)
+    result.lease = True
     try:
         with connect(url) as conn, conn.transaction():
             run_identities = [ident for _, ident in to_run]
