@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+import psycopg
 
 from astra_dagster.db.connection import connect
 from astra_dagster.db.connection import database_url as default_database_url
@@ -177,24 +178,8 @@ def run_tasks(
     store.acquire_run_lease(url, run_id)
     result.lease = True
     try:
-        with connect(url) as conn, conn.transaction():
-            run_identities = [ident for _, ident in to_run]
-            rows = store.create_tasks(
-                conn,
-                run_identities + ([parent] if parent else []),
-                source_pks=[it.source_pk for it, _ in to_run] + ([None] if parent else []),
-                asset_key=asset_key,
-                run_id=run_id,
-            )
-            if parent is not None:
-                parent_row = rows[parent.task_hash]
-                result.parent_pk = parent_row.pk
-                result.parent_task_id = parent.task_id
-                # every task the batch covered, computed or skipped: links = n_sources
-                store.link_batch(conn, parent_row, [rows[i.task_hash].pk for i in run_identities]
-                                 + [r.pk for r in done.values()])
-                store.start_batch(conn, parent_row.pk, partition_first=first, partition_last=last,
-                                  n_sources=len(items), n_skipped=result.n_skipped)
+        rows = _retry_deadlocks(lambda: _claim(url, to_run, parent, asset_key, run_id, done, result, first, last,
+                                               len(items)))
         if not batch and len(items) == 1:
             result.single_task = (rows[identities[0].task_hash].pk, identities[0].task_id)
 
@@ -217,6 +202,44 @@ def run_tasks(
             result.lease = False
         raise
     return result
+
+
+def _claim(url: str, to_run: list[tuple[TaskItem, TaskIdentity]], parent: TaskIdentity | None,
+           asset_key: str | None, run_id: str, done: dict[str, store.TaskRow], result: TaskBatch,
+           first: str | None, last: str | None, n_items: int) -> dict[str, store.TaskRow]:
+    """Task rows (status 0) for what this run computes, and its batch parent with its links."""
+    with connect(url) as conn, conn.transaction():
+        run_identities = [ident for _, ident in to_run]
+        rows = store.create_tasks(
+            conn,
+            run_identities + ([parent] if parent else []),
+            source_pks=[it.source_pk for it, _ in to_run] + ([None] if parent else []),
+            asset_key=asset_key,
+            run_id=run_id,
+        )
+        if parent is not None:
+            parent_row = rows[parent.task_hash]
+            result.parent_pk = parent_row.pk
+            result.parent_task_id = parent.task_id
+            # every task the batch covered, computed or skipped: links = n_sources
+            store.link_batch(conn, parent_row, [rows[i.task_hash].pk for i in run_identities]
+                             + [r.pk for r in done.values()])
+            store.start_batch(conn, parent_row.pk, partition_first=first, partition_last=last,
+                              n_sources=n_items, n_skipped=result.n_skipped)
+    return rows
+
+
+def _retry_deadlocks(fn: Callable[[], Any], attempts: int = 5) -> Any:
+    """Run one whole transaction again when PostgreSQL aborted it as a deadlock victim: concurrent
+    runs over the same sources lock task rows in different orders (claiming vs finishing)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except psycopg.errors.DeadlockDetected:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _outcome(pk: int, item: TaskItem, ident: TaskIdentity, res: ItemResult, log: Any) -> store.Outcome:
@@ -284,9 +307,12 @@ def _stream(context: Any, work: Work, to_run: list[tuple[TaskItem, TaskIdentity]
         nonlocal written, failed, already, last_flush
         if not buffer:
             return
-        with connect(url) as conn:
-            report = store.write_chunk(conn, result.table, buffer, parent_pk=result.parent_pk,
-                                       run_id=result.run_id, force=result.force)
+        def write() -> store.FinishReport:
+            with connect(url) as conn:
+                return store.write_chunk(conn, result.table, buffer, parent_pk=result.parent_pk,
+                                         run_id=result.run_id, force=result.force)
+
+        report = _retry_deadlocks(write)
         written, failed, already = written + report.written, failed + report.failed, already + report.already_done
         result.streamed = store.FinishReport(written, failed, already)
         buffer.clear()
