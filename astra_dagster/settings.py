@@ -26,6 +26,61 @@ class Settings:
     release_assets: tuple[str, ...] | None = None
 
 
+def _positive(name: str, default: str, kind: type = int) -> int | float:
+    raw = os.environ.get(name) or default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'number' if kind is float else 'whole number'}, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {raw!r}")
+    return value
+
+
+def cpu_count() -> int:
+    """Cores this process may use (its affinity mask, e.g. a Slurm allocation), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a step runs its per-source work: deployment settings, never task parameters (they
+    change no task_id)."""
+
+    #: Worker processes per step (``ASTRA_WORKERS``; default: the cores this process may use).
+    workers: int
+    #: Results are written every this many finished sources... (``ASTRA_LINEAGE_CHUNK``)
+    chunk_sources: int
+    #: ...or this many seconds, whichever comes first (``ASTRA_LINEAGE_SECONDS``).
+    chunk_seconds: float
+    #: ``local`` (a process pool on this node) or ``dask`` (``ASTRA_ENGINE``).
+    engine: str
+    #: A running Dask scheduler to use (``ASTRA_DASK_SCHEDULER``, e.g. tcp://host:8786); None:
+    #: the engine starts a cluster of its own (``ASTRA_DASK_CLUSTER``: ``local`` or ``slurm``).
+    dask_scheduler: str | None
+    dask_cluster: str
+
+
+def get_execution() -> Execution:
+    engine = (os.environ.get("ASTRA_ENGINE") or "local").strip().lower()
+    if engine not in ("local", "dask"):
+        raise ValueError(f"ASTRA_ENGINE must be 'local' or 'dask', got {engine!r}")
+    cluster = (os.environ.get("ASTRA_DASK_CLUSTER") or "local").strip().lower()
+    if cluster not in ("local", "slurm"):
+        raise ValueError(f"ASTRA_DASK_CLUSTER must be 'local' or 'slurm', got {cluster!r}")
+    return Execution(
+        workers=int(_positive("ASTRA_WORKERS", str(cpu_count()))),
+        chunk_sources=int(_positive("ASTRA_LINEAGE_CHUNK", "100")),
+        chunk_seconds=float(_positive("ASTRA_LINEAGE_SECONDS", "10", float)),
+        engine=engine,
+        dask_scheduler=os.environ.get("ASTRA_DASK_SCHEDULER") or None,
+        dask_cluster=cluster,
+    )
+
+
 def get_settings() -> Settings:
     astra_home = Path(os.environ.get("ASTRA_HOME") or Path.home() / ".astra").expanduser()
     dagster_home = os.environ.get("DAGSTER_HOME")

@@ -11,6 +11,9 @@ import pytest
 # Science code must not oversubscribe the 2-core CI machine.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# The suite already runs one pytest worker per core: steps compute in their own process unless a
+# test asks for a pool (test_workers.py does).
+os.environ.setdefault("ASTRA_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

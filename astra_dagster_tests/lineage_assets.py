@@ -1,6 +1,8 @@
 """A small partitioned asset pair used to test the batch mechanism on real Dagster runs."""
 
 # No "from __future__ import annotations": Dagster reads Config annotations at runtime.
+import os
+import signal
 import time
 from typing import ClassVar
 
@@ -8,7 +10,7 @@ import dagster as dg
 
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
-from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, Work, run_tasks
 from astra_dagster.lineage.config import SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY, AstraIOManager
 from astra_dagster.lineage.sources import sources_in_blocks
@@ -42,6 +44,8 @@ class SquareTask(SourceTaskConfig):
 
 
 def _square(config: SquareTask, item: TaskItem) -> dict:
+    if "CRASH" in item.source_id:  # a source that kills its worker process (a segfault, say)
+        os.kill(os.getpid(), signal.SIGKILL)
     if "BAD" in item.source_id:
         raise ValueError(f"{item.source_id}: corrupt input (test)")
     time.sleep(config.sleep_seconds)
@@ -70,10 +74,11 @@ def squares(context: dg.AssetExecutionContext, config: SquareTask) -> TaskBatch:
     with connect() as conn:
         sources = sources_in_blocks(conn, keys)
     items = [TaskItem(source_pk=s.pk, source_id=s.source_id) for s in sources]
-    chunked = {"compute_chunk": lambda chunk: _square_chunk(config, chunk),
-               "chunk_size": config.chunk_size} if config.chunk_size > 0 else {}
-    return run_tasks(context, config, items, lambda it: _square(config, it),
-                     table="astra_test.square", batch=True, partition_range=first_last, **chunked)
+    # Top-level functions, so the work can run on worker processes (ASTRA_WORKERS).
+    work = Work(_square, state=config, chunk_function=_square_chunk if config.chunk_size > 0 else None,
+                chunk_size=max(1, config.chunk_size))
+    return run_tasks(context, config, items, work, table="astra_test.square", batch=True,
+                     partition_range=first_last)
 
 
 class SquarePlusTask(SourceTaskConfig):

@@ -122,19 +122,23 @@ def test_chunked_compute_gives_the_same_tasks_and_isolates_a_bad_chunk(setup) ->
 def test_identical_batch_is_skipped_and_failed_sources_are_retried(setup) -> None:
     instance, keys = setup
     assert counts(materialize(instance, keys)) == (10, 0, 1)
-    n_tasks = scalar("select count(*) from astra.task")
-    n_params = scalar("select count(*) from astra.parameter")
+    n_tasks = scalar("select count(*) from astra.task where source_pk is not null")
+    n_params = scalar("select count(*) from astra.parameter where parameter_name <> 'batch_run_id'")
 
     again = materialize(instance, keys)
     assert again.success
     assert counts(again) == (0, 10, 1)  # the failed source is retried, and fails again
-    assert scalar("select count(*) from astra.task") == n_tasks
-    assert scalar("select count(*) from astra.parameter") == n_params
+    assert scalar("select count(*) from astra.task where source_pk is not null") == n_tasks
+    assert scalar("select count(*) from astra.parameter where parameter_name <> 'batch_run_id'") == n_params
     assert scalar("select count(*) from astra_test.square") == 10
+    # two runs are two batches, each linked to every source it covered
+    assert scalar_rows("select n_sources, n_computed, n_skipped, n_failed from astra.batch order by task_pk") == [
+        (11, 10, 0, 1), (11, 0, 10, 1)]
+    assert scalar("select count(*) from astra.batch_interface") == 22
 
     # Other parameters make other tasks.
     assert counts(materialize(instance, keys, {"scale": 3.0})) == (10, 0, 1)
-    assert scalar("select count(*) from astra.task") == 2 * n_tasks
+    assert scalar("select count(*) from astra.task where source_pk is not null") == 2 * n_tasks
     # A sub-range re-uses the succeeded tasks of the full range.
     assert counts(materialize(instance, keys[:1], {"scale": 3})) == (0, 4, 0)
 

@@ -25,10 +25,10 @@ import dagster as dg
 from pydantic import Field
 
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
-from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, Work, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
-from astra_dagster.lineage.model_io import LoadedModel
+from astra_dagster.lineage.model_io import LoadedModel, class_path, import_class
 from astra_dagster.spectra.apogee import read_apstar
 from astra_dagster.spectra.spectrum import Spectrum
 
@@ -152,6 +152,21 @@ def fit_chunk(module: str, items: list[TaskItem], model: Any, scalars: frozenset
     return results
 
 
+def _worker_state(module: str, model_class: str, path: str, scalars: frozenset[str],
+                  options: dict[str, Any]) -> tuple:
+    return module, import_class(model_class).read(path), scalars, options
+
+
+def _fit_one(state: tuple, item: TaskItem) -> dict[str, Any]:
+    module, model, scalars, options = state
+    return fit_source(module, item, model, scalars, options)
+
+
+def _fit_many(state: tuple, items: list[TaskItem]) -> list[ChunkResult]:
+    module, model, scalars, options = state
+    return fit_chunk(module, items, model, scalars, options)
+
+
 def label_asset(
     name: str,
     module: str,
@@ -175,10 +190,11 @@ def label_asset(
             for pk, entry in sorted(spectra.items())
         ]
         context.log.info(f"{name}: {len(items)} sources with model {model.task_id}")
-        return run_tasks(context, config, items, lambda item: fit_source(module, item, model.model, scalars, options),
-                         table=name, batch=True, partition_range=first_last,
-                         compute_chunk=lambda chunk: fit_chunk(module, chunk, model.model, scalars, options),
-                         chunk_size=CHUNK_SIZE)
+        # Worker processes read the model once each from its file (not once per source).
+        work = Work(_fit_one, state=(module, model.model, scalars, options), setup=_worker_state,
+                    setup_args=(module, class_path(model.model), str(model.path), scalars, options),
+                    chunk_function=_fit_many, chunk_size=CHUNK_SIZE)
+        return run_tasks(context, config, items, work, table=name, batch=True, partition_range=first_last)
 
     return dg.asset(
         name=name,

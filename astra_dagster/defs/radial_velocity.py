@@ -11,7 +11,7 @@ from pydantic import Field
 
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
-from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.batch import TaskBatch, TaskItem, Work, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
@@ -151,5 +151,16 @@ def doppler(
                  params={"input_task_id": entry["task_id"], "templates_task_id": doppler_templates.task_id})
         for pk, entry in sorted(spectra.items())
     ]
-    return run_tasks(context, config, items, lambda item: estimate(config, item, templates, synthetic),
-                     table="doppler", batch=True, partition_range=first_last)
+    # Worker processes read the template set once each from its file (not once per source).
+    work = Work(_estimate, state=(config, templates, synthetic), setup=_worker_state,
+                setup_args=(config, str(doppler_templates.path), synthetic))
+    return run_tasks(context, config, items, work, table="doppler", batch=True, partition_range=first_last)
+
+
+def _worker_state(config: EstimateRadialVelocity, path: str, synthetic: dict[int, bool]) -> tuple:
+    return config, TemplateSet.read(path).emulators, synthetic
+
+
+def _estimate(state: tuple, item: TaskItem) -> dict[str, Any]:
+    config, templates, synthetic = state
+    return estimate(config, item, templates, synthetic)

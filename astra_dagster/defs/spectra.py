@@ -8,7 +8,7 @@ from pydantic import Field
 
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition_range
-from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
+from astra_dagster.lineage.batch import TaskBatch, TaskItem, Work, run_tasks
 from astra_dagster.lineage.config import SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_ROWS_KEY, RESULT_TABLE_KEY
 from astra_dagster.lineage.sources import sources_in_blocks
@@ -64,7 +64,8 @@ def spectra(context: dg.AssetExecutionContext, config: RegisterSpectra) -> TaskB
                  params={"input_fingerprint": files[s.pk].fingerprint})
         for s in sources if s.pk in files
     ]
-    return run_tasks(context, config, items, lambda item: _register(config, item),
+    # _register and the config travel to the worker processes (ASTRA_WORKERS)
+    return run_tasks(context, config, items, Work(_register, state=config),
                      table="spectrum", batch=True, partition_range=first_last)
 
 

@@ -1,4 +1,5 @@
-"""The lineage IO manager: method rows plus all lineage rows of a batch in one transaction."""
+"""The lineage IO manager: closes a batch (its results were streamed by ``run_tasks``) or writes a
+single task's result, and records the materialisation metadata."""
 
 from __future__ import annotations
 
@@ -42,16 +43,18 @@ class AstraIOManager(dg.ConfigurableIOManager):
             )
         try:
             with connect(self.database_url) as conn, conn.transaction():
+                # streamed batches wrote their results chunk by chunk; single tasks write here
                 report = store.finish_tasks(conn, obj.table, obj.outcomes, force=obj.force,
-                                            run_id=context.run_id)
-                n_computed = report.written
-                n_skipped = obj.n_skipped + report.already_done
+                                            run_id=obj.run_id or context.run_id)
+                n_computed = obj.streamed.written + report.written
+                n_failed = obj.streamed.failed + report.failed
+                n_skipped = obj.n_skipped + obj.streamed.already_done + report.already_done
                 if obj.parent_pk is not None:
                     store.finish_parent(
                         conn, obj.parent_pk, time.perf_counter() - obj.started,
                         partition_first=obj.partition_first, partition_last=obj.partition_last,
                         n_sources=obj.n_items, n_computed=n_computed, n_skipped=n_skipped,
-                        n_failed=report.failed, run_id=context.run_id,
+                        n_failed=n_failed, run_id=obj.run_id or context.run_id,
                     )
         except Exception as exc:
             if obj.parent_pk is not None:
@@ -59,11 +62,15 @@ class AstraIOManager(dg.ConfigurableIOManager):
                     store.fail_task(conn, obj.parent_pk, f"{type(exc).__name__}: {exc}",
                                     time.perf_counter() - obj.started, run_id=context.run_id)
             raise
+        finally:
+            if obj.lease and obj.run_id:
+                store.release_run_lease(obj.run_id)
+                obj.lease = False
         metadata: dict[str, Any] = {
             "astra/family": obj.family,
             "astra/computed": n_computed,
             "astra/skipped": n_skipped,
-            "astra/failed": report.failed,
+            "astra/failed": n_failed,
             "astra/sources" if obj.parent_pk is not None else "astra/tasks": obj.n_items,
             "dagster/row_count": n_computed,
         }
@@ -74,7 +81,7 @@ class AstraIOManager(dg.ConfigurableIOManager):
             metadata["astra/task_id"] = obj.single_task[1]
         context.add_output_metadata(metadata)
         context.log.info(
-            f"{obj.family}: {n_computed} computed, {n_skipped} skipped, {report.failed} failed"
+            f"{obj.family}: {n_computed} computed, {n_skipped} skipped, {n_failed} failed"
             f" of {obj.n_items}"
         )
 

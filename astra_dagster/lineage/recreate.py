@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 
 from astra_dagster.lineage.config import AstraConfig, config_class
 from astra_dagster.lineage.identity import family_of
+from astra_dagster.lineage.store import live_runs
 
 STATUS_NAMES = {0: "created", 1: "success", 30: "failure", 40: "process failure",
                 50: "broken", 60: "dependency missing"}
@@ -41,6 +42,9 @@ class TaskRecord:
     output: dict[str, Any] | None = None
     parent_task_ids: list[str] = field(default_factory=list)
     batch: dict[str, Any] | None = None
+    #: For a task at status 0: True when no live process of its run holds the run's lease (the
+    #: run died; the next run retries the task), False while its run is working on it.
+    abandoned: bool | None = None
 
     @property
     def family(self) -> str:
@@ -48,7 +52,12 @@ class TaskRecord:
 
     @property
     def status_name(self) -> str:
-        return STATUS_NAMES.get(self.status_code, "unknown")
+        name = STATUS_NAMES.get(self.status_code, "unknown")
+        if self.abandoned:
+            return f"{name}; abandoned: run {self.run_id or 'unknown'} is no longer running, the next run retries it"
+        if self.abandoned is False:
+            return f"{name}; in progress in run {self.run_id}"
+        return name
 
 
 def find_task(conn: psycopg.Connection, ref: str) -> TaskRecord:
@@ -84,6 +93,8 @@ def find_task(conn: psycopg.Connection, ref: str) -> TaskRecord:
     with conn.cursor(row_factory=dict_row) as cur:
         record.batch = cur.execute(
             "select * from astra.batch where task_pk = %s", (record.pk,)).fetchone()
+    if record.status_code == 0:
+        record.abandoned = not live_runs(conn, [record.run_id])
     return record
 
 

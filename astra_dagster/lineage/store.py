@@ -6,6 +6,8 @@ per batch is constant, never one per task or per row.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ class TaskRow:
     output_pk: int | None
     #: True when the row was inserted by the statement that returned it (a brand-new task).
     created: bool = False
+    #: The run that wrote the task's status (for status 0: the run working on it).
+    run_id: str | None = None
 
 
 @dataclass
@@ -67,6 +71,18 @@ def find_succeeded(conn: psycopg.Connection, module: str, hashes: Sequence[str])
         "select pk, task_hash, status_code, output_pk from astra.task "
         "where task_module = %s and task_hash = any(%s) and status_code = %s",
         (module, list(hashes), STATUS_SUCCESS),
+    ).fetchall()
+    return {r[1]: TaskRow(*r) for r in rows}
+
+
+def find_tasks(conn: psycopg.Connection, module: str, hashes: Sequence[str]) -> dict[str, TaskRow]:
+    """Existing tasks among ``hashes``, whatever their status, with their run (one query)."""
+    if not hashes:
+        return {}
+    rows = conn.execute(
+        "select pk, task_hash, status_code, output_pk, false, run_id from astra.task "
+        "where task_module = %s and task_hash = any(%s)",
+        (module, list(hashes)),
     ).fetchall()
     return {r[1]: TaskRow(*r) for r in rows}
 
@@ -139,8 +155,11 @@ def create_tasks(
         select s.task_module, s.task_id, s.task_hash, s.source_pk, %s, %s
         from _astra_stage_task s order by s.task_hash
         on conflict (task_module, task_hash) do update
-            set modified = now()
-        returning pk, task_hash, status_code, output_pk, (xmax = 0) as created
+            -- a task at status 0 is now this run's to finish; a finished one keeps the run that
+            -- wrote its status until this run writes a new one (finish_tasks)
+            set modified = now(),
+                run_id = case when t.status_code = 0 then coalesce(excluded.run_id, t.run_id) else t.run_id end
+        returning pk, task_hash, status_code, output_pk, (xmax = 0) as created, run_id
         """,
         (asset_key, run_id),
     ).fetchall()
@@ -194,6 +213,7 @@ def _get_or_create_parameters(
 
 def link_batch(conn: psycopg.Connection, parent: TaskRow, child_pks: Sequence[int]) -> None:
     """Link children to their batch parent (COPY when the parent is brand new)."""
+    child_pks = sorted(set(child_pks))
     if not child_pks:
         return
     if parent.created:
@@ -251,7 +271,8 @@ def finish_tasks(
     force: bool = False,
     run_id: str | None = None,
 ) -> FinishReport:
-    """Write results and final status of ``outcomes`` in the caller's transaction.
+    """Write results and final status of ``outcomes`` in the caller's transaction (``run_id``:
+    the run that computed them, recorded on every task whose status this call writes).
 
     Each task written (result or failure) gets ``run_id``, the run that wrote it; tasks left
     alone (finished concurrently elsewhere) keep theirs.
@@ -423,3 +444,106 @@ def finish_parent(
         """,
         (parent_pk, partition_first, partition_last, n_sources, n_computed, n_skipped, n_failed),
     )
+
+
+def start_batch(
+    conn: psycopg.Connection,
+    parent_pk: int,
+    *,
+    partition_first: str | None,
+    partition_last: str | None,
+    n_sources: int,
+    n_skipped: int,
+) -> None:
+    """The batch row of a parent that starts: counts grow with every chunk written."""
+    conn.execute(
+        """
+        insert into astra.batch (task_pk, partition_first, partition_last, n_sources,
+                                 n_computed, n_skipped, n_failed)
+        values (%s, %s, %s, %s, 0, %s, 0)
+        on conflict (task_pk) do update set
+            partition_first = excluded.partition_first, partition_last = excluded.partition_last,
+            n_sources = excluded.n_sources, n_computed = 0, n_skipped = excluded.n_skipped, n_failed = 0
+        """,
+        (parent_pk, partition_first, partition_last, n_sources, n_skipped),
+    )
+
+
+def write_chunk(
+    conn: psycopg.Connection,
+    table: str,
+    outcomes: Sequence[Outcome],
+    *,
+    parent_pk: int | None,
+    run_id: str | None,
+    force: bool = False,
+) -> FinishReport:
+    """One chunk of finished tasks, in one transaction: results, statuses, durations, and the
+    batch's running counts (so a batch's counts always match what it wrote, even if it dies)."""
+    with conn.transaction():
+        report = finish_tasks(conn, table, outcomes, force=force, run_id=run_id)
+        if parent_pk is not None:
+            conn.execute(
+                "update astra.batch set n_computed = n_computed + %s, n_failed = n_failed + %s, "
+                "n_skipped = n_skipped + %s where task_pk = %s",
+                (report.written, report.failed, report.already_done, parent_pk),
+            )
+            conn.execute("update astra.task set modified = now() where pk = %s", (parent_pk,))
+    return report
+
+
+# ---------------------------------------------------------------------------- run leases
+#
+# A run step holds a shared advisory lock named after its run while it works on tasks. The lock
+# lives on a connection of its own, so it goes away the moment the process dies (kill -9, OOM):
+# a task left at status 0 whose run holds no lock is abandoned, and the next run retries it.
+
+
+def run_lock_key(run_id: str) -> int:
+    """The bigint advisory-lock key of a run."""
+    return int.from_bytes(hashlib.sha256(b"astra-run\0" + run_id.encode()).digest()[:8], "big", signed=True)
+
+
+_leases: dict[str, tuple[psycopg.Connection, int]] = {}
+_leases_lock = threading.Lock()
+
+
+def acquire_run_lease(url: str, run_id: str) -> None:
+    """Mark ``run_id`` alive for as long as this process holds the lease (re-entrant)."""
+    with _leases_lock:
+        conn, count = _leases.get(run_id, (None, 0))
+        if conn is None or conn.closed:
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                                   application_name=f"astra run lease {run_id[:8]}")
+            conn.execute("select pg_advisory_lock_shared(%s)", (run_lock_key(run_id),))
+            count = 0
+        _leases[run_id] = (conn, count + 1)
+
+
+def release_run_lease(run_id: str) -> None:
+    with _leases_lock:
+        conn, count = _leases.get(run_id, (None, 0))
+        if conn is None:
+            return
+        if count > 1:
+            _leases[run_id] = (conn, count - 1)
+            return
+        del _leases[run_id]
+    # closing the session drops its advisory locks (if the server is gone, they went with it)
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def live_runs(conn: psycopg.Connection, run_ids: Iterable[str | None]) -> set[str]:
+    """The runs among ``run_ids`` that some live process holds a lease for (one query)."""
+    wanted = {r for r in run_ids if r}
+    if not wanted:
+        return set()
+    held = {
+        (int(hi) << 32) | int(lo)
+        for hi, lo in conn.execute(
+            "select classid::bigint, objid::bigint from pg_locks "
+            "where locktype = 'advisory' and objsubid = 1 and granted"
+        ).fetchall()
+    }
+    return {r for r in wanted if run_lock_key(r) % (1 << 64) in held}

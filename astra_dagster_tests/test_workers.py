@@ -1,0 +1,112 @@
+"""Worker pools: the same rows and task_ids as the serial run (spectra + doppler on a synthetic
+release), a worker that dies fails only the source it held, and the run goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from astra_dagster.db.connection import connect
+from astra_dagster.definitions import defs
+from astra_dagster.lineage import store
+from astra_dagster.lineage.io_manager import AstraIOManager
+from astra_dagster.lineage.sources import blocks_for, register_sources
+from astra_dagster.orchestration.build import materialize_assets
+from astra_dagster.orchestration.planned_runs import materialize_range
+from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
+from astra_dagster.spectra.release import generate_release
+from astra_dagster_tests import lineage_assets
+
+TEMPLATES = {"ops": {"doppler_templates": {"config": {"n_train": 600, "n_hot": 120, "seed": 7}}}}
+TABLES = {"spectra": "spectrum", "doppler": "doppler"}
+RESULT_COLUMNS = {
+    "spectra": "r.path, r.kind, r.row_index, r.snr, r.mjd, r.sha256",
+    "doppler": "r.vhelio, r.vrel, r.u_vrel, r.teff, r.logg, r.fe_h, r.chisq, r.bitmask_flag, r.vhelio_star",
+}
+
+
+def snapshot(asset: str) -> list[tuple]:
+    """(source, task_id, status, result columns) of every task of the asset, in source order."""
+    with connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            f"select s.source_id, t.task_id, t.status_code, {RESULT_COLUMNS[asset]} from astra.task t "
+            f"join astra.source s on s.pk = t.source_pk join astra.{TABLES[asset]} r on r.output_pk = t.output_pk "
+            f"where t.asset_key = %s order by s.pk, 4, 5", (asset,)).fetchall()]
+
+
+@pytest.mark.slow
+def test_pool_gives_the_serial_rows_and_task_ids(clean_db: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "4")
+    generate_release(tmp_path / "data", "pool-test", 8, seed=5, progress=False)
+    keys = [dg.AssetKey("spectra"), dg.AssetKey("doppler")]
+    with dg.instance_for_test() as instance:
+        assert materialize_assets(defs, [dg.AssetKey("doppler_templates")], instance=instance,
+                                  run_config=TEMPLATES, log_level="WARNING").success
+        plan = plan_new_releases(instance, tmp_path / "data", None, block_size=4)
+        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+        first, last = plan.new_partition_keys[0], plan.new_partition_keys[-1]
+
+        monkeypatch.setenv("ASTRA_WORKERS", "1")
+        assert materialize_range(defs, keys, first, last, instance=instance).success
+        serial = {a.path[-1]: snapshot(a.path[-1]) for a in keys}
+        durations = dict(_rows("select pk, duration from astra.task where source_pk is not null"))
+
+        # the same tasks again, forced, on two worker processes: ASTRA_WORKERS is no parameter
+        monkeypatch.setenv("ASTRA_WORKERS", "2")
+        forced = {"ops": {"spectra": {"config": {"force": True}}, "doppler": {"config": {"force": True}}}}
+        result = materialize_range(defs, keys, first, last, instance=instance, run_config=forced)
+        assert result.success
+        messages = [e.user_message for e in instance.all_logs(result.run_id)]
+        assert sum("on 2 worker processes" in m for m in messages) == 2, messages  # spectra and doppler
+        pooled = {a.path[-1]: snapshot(a.path[-1]) for a in keys}
+        new_durations = dict(_rows("select pk, duration from astra.task where source_pk is not null"))
+
+    assert len(serial["spectra"]) > 8
+    assert len(serial["doppler"]) == 8
+    for asset in ("spectra", "doppler"):
+        assert [r[:3] for r in pooled[asset]] == [r[:3] for r in serial[asset]]  # same tasks, same sources
+        assert repr(pooled[asset]) == repr(serial[asset])  # same values, bit for bit (repr: NaN == NaN)
+    # every task got its own positive science time on the workers too
+    assert new_durations.keys() == durations.keys() and all(d > 0 for d in new_durations.values())
+
+
+def _rows(sql: str) -> list[tuple]:
+    with connect() as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+def squares_setup(clean_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[dg.DagsterInstance, list[str]]]:
+    monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "6")
+    monkeypatch.setenv("ASTRA_WORKERS", "2")
+    lineage_assets.create_tables(clean_db)
+    with connect() as conn:
+        pks = register_sources(conn, [f"SRC-{i}" for i in range(1, 6)] + ["SRC-CRASH-6"]
+                               + [f"SRC-{i}" for i in range(7, 13)])
+    keys = blocks_for(pks.values(), 6)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("source_blocks", keys)
+        yield instance, keys
+
+
+def test_a_worker_that_dies_fails_only_its_source(squares_setup) -> None:
+    instance, keys = squares_setup
+    result = dg.materialize([lineage_assets.squares], instance=instance,
+                            resources={"astra_io_manager": AstraIOManager()},
+                            run_config={"ops": {"squares": {"config": {"sleep_seconds": 0.02}}}},
+                            tags={"dagster/asset_partition_range_start": keys[0],
+                                  "dagster/asset_partition_range_end": keys[-1]})
+    assert result.success
+    rows = {sid: (status, error, value) for sid, status, error, value in _rows(
+        "select s.source_id, t.status_code, t.error, r.value from astra.task t join astra.source s "
+        "on s.pk = t.source_pk left join astra_test.square r on r.output_pk = t.output_pk")}
+    status, error, value = rows.pop("SRC-CRASH-6")
+    assert status == store.STATUS_FAILURE and value is None
+    assert error == "worker process died (killed by SIGKILL) while computing SRC-CRASH-6"
+    assert {sid: v for sid, (_, _, v) in rows.items()} == {
+        f"SRC-{i}": float(i * i) for i in [*range(1, 6), *range(7, 13)]}
+    assert {s for s, _, _ in rows.values()} == {store.STATUS_SUCCESS}
