@@ -242,22 +242,59 @@ class Result:
     spectra: list[dict[str, Any]] = field(default_factory=list)
 
 
-_CANDIDATES = """
-select distinct on (t.source_pk) t.source_pk, s.source_id, t.pk, t.task_id, t.output_pk, st.output_pk
-from astra.task t
-join astra.source s on s.pk = t.source_pk
-join astra.task_parameter tp on tp.task_pk = t.pk
-join astra.parameter p on p.pk = tp.parameter_pk and p.parameter_name = 'input_task_id'
-join astra.task st on st.task_id = p.parameter_value and st.source_pk = t.source_pk
-                  and st.asset_key = 'spectra' and st.status_code = 1
-where t.asset_key = %(asset)s and t.status_code = 1 and t.output_pk is not null {scope}
-order by t.source_pk, t.modified desc, t.pk desc
-"""
+_SPECTRUM_COLUMNS = "output_pk, file_format, kind, row_index, telescope, snr, mjd, path, release_pk"
 
-_RELEASE_SCOPE = """
-  and t.source_pk in (select source_pk from astra.release_source where release_pk = %(release_pk)s)
-  and exists (select 1 from astra.spectrum sp where sp.output_pk = st.output_pk and sp.release_pk = %(release_pk)s)
-"""
+
+@dataclass(frozen=True)
+class _Picked:
+    source_pk: int
+    source_id: str
+    task_pk: int
+    task_id: str
+    output_pk: int
+    spectra: list[dict[str, Any]]
+
+
+def _pick(conn: psycopg.Connection, spec: MethodSpec, release_pk: int | None, run_id: str | None) -> list[_Picked]:
+    """Per source, the newest succeeded task of the method (whose input spectra come from the
+    release, when given), in source order. Simple indexed lookups joined here: one query with
+    every join in it lets the planner misjudge its row counts (measured 3-14 s for 10k sources,
+    against 0.3 s this way)."""
+    where, params = "t.asset_key = %s and t.status_code = 1 and t.output_pk is not null", [spec.asset]
+    if release_pk is not None:
+        where += " and t.source_pk in (select source_pk from astra.release_source where release_pk = %s)"
+        params.append(release_pk)
+    if run_id is not None:
+        where += " and t.run_id = %s"
+        params.append(run_id)
+    tasks = conn.execute(
+        f"select t.source_pk, t.pk, t.task_id, t.output_pk from astra.task t where {where} "
+        "and t.source_pk is not null order by t.source_pk, t.modified desc, t.pk desc", params).fetchall()
+    if not tasks:
+        return []
+    inputs = dict(conn.execute(
+        "select tp.task_pk, p.parameter_value from astra.task_parameter tp "
+        "join astra.parameter p on p.pk = tp.parameter_pk "
+        "where tp.task_pk = any(%s) and p.parameter_name = 'input_task_id'", ([t[1] for t in tasks],)).fetchall())
+    source_pks = sorted({t[0] for t in tasks})
+    spectra_tasks = {(r[0], r[1]): r[2] for r in conn.execute(
+        "select source_pk, task_id, output_pk from astra.task where asset_key = 'spectra' and status_code = 1 "
+        "and source_pk = any(%s)", (source_pks,)).fetchall()}
+    with conn.cursor(row_factory=dict_row) as cur:
+        spectra: dict[int, list[dict[str, Any]]] = {}
+        for r in cur.execute(f"select {_SPECTRUM_COLUMNS} from astra.spectrum where output_pk = any(%s)",
+                             (list(set(spectra_tasks.values())),)).fetchall():
+            spectra.setdefault(r["output_pk"], []).append(r)
+    names = dict(conn.execute("select pk, source_id from astra.source where pk = any(%s)", (source_pks,)).fetchall())
+    out: list[_Picked] = []
+    for source_pk, task_pk, task_id, output_pk in tasks:
+        if out and out[-1].source_pk == source_pk:
+            continue  # an older task of a source already picked
+        rows = spectra.get(spectra_tasks.get((source_pk, inputs.get(task_pk)), -1), [])
+        if release_pk is not None and not any(r["release_pk"] == release_pk for r in rows):
+            continue  # fitted on another release's spectra: an older task may still be this release's
+        out.append(_Picked(source_pk, names[source_pk], task_pk, task_id, output_pk, rows))
+    return out
 
 
 def _ordered_spectra(spec: MethodSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -275,42 +312,29 @@ def fetch_results(conn: psycopg.Connection, spec: MethodSpec, *, release_pk: int
                   run_id: str | None = None) -> list[Result]:
     """Per source, the newest succeeded result of the method (of a release's spectra, or
     written by one Dagster run), in source order. A handful of set-based queries."""
-    scope, params = "", {"asset": spec.asset}
-    if release_pk is not None:
-        scope += _RELEASE_SCOPE
-        params["release_pk"] = release_pk
-    if run_id is not None:
-        scope += " and t.run_id = %(run_id)s"
-        params["run_id"] = run_id
-    picked = conn.execute(_CANDIDATES.format(scope=scope), params).fetchall()
+    picked = _pick(conn, spec, release_pk, run_id)
     if not picked:
         return []
-    output_pks = [r[4] for r in picked]
     with conn.cursor(row_factory=dict_row) as cur:
         values = {r["output_pk"]: r for r in cur.execute(
             sql.SQL("select * from astra.{} where output_pk = any(%s)").format(sql.Identifier(spec.table)),
-            (output_pks,)).fetchall()}
-        spectra: dict[int, list[dict[str, Any]]] = {}
-        for r in cur.execute(
-                "select output_pk, file_format, kind, row_index, telescope, snr, mjd, path, release_pk "
-                "from astra.spectrum where output_pk = any(%s)", ([r[5] for r in picked],)).fetchall():
-            spectra.setdefault(r["output_pk"], []).append(r)
+            ([p.output_pk for p in picked],)).fetchall()}
     versions: dict[int, dict[str, str]] = {}
     for task_pk, name, value in conn.execute(
             "select tp.task_pk, p.parameter_name, p.parameter_value from astra.task_parameter tp "
             "join astra.parameter p on p.pk = tp.parameter_pk "
             "where tp.task_pk = any(%s) and p.parameter_name in ('astra_version_major', 'astra_version_minor')",
-            ([r[2] for r in picked],)).fetchall():
+            ([p.task_pk for p in picked],)).fetchall():
         versions.setdefault(task_pk, {})[name] = value
     release_names = dict(conn.execute("select pk, name from astra.data_release").fetchall())
     out = []
-    for source_pk, source_id, task_pk, task_id, output_pk, spectra_pk in picked:
-        rows = _ordered_spectra(spec, spectra.get(spectra_pk, []))
+    for p in picked:
+        rows = _ordered_spectra(spec, p.spectra)
         release = next((release_names.get(r["release_pk"]) for r in rows if r["release_pk"] is not None), None)
-        v = versions.get(task_pk, {})
-        out.append(Result(source_pk, source_id, task_pk, task_id, output_pk,
+        v = versions.get(p.task_pk, {})
+        out.append(Result(p.source_pk, p.source_id, p.task_pk, p.task_id, p.output_pk,
                           f"{v.get('astra_version_major', '?')}.{v.get('astra_version_minor', '?')}",
-                          release, dict(values.get(output_pk, {})), rows))
+                          release, dict(values.get(p.output_pk, {})), rows))
     return out
 
 
@@ -621,9 +645,9 @@ def write_summary(conn: psycopg.Connection, method: str, release: str, directory
 def result_fingerprint(conn: psycopg.Connection, spec: MethodSpec, release_pk: int) -> tuple[str, int]:
     """(sha256 over the (source, task, output) of every result a release summary would hold,
     their number): a new or recomputed result changes it, and with it the summary task."""
-    picked = conn.execute(_CANDIDATES.format(scope=_RELEASE_SCOPE),
-                          {"asset": spec.asset, "release_pk": release_pk}).fetchall()
     h = hashlib.sha256()
-    for source_pk, _, task_pk, _, output_pk, spectra_pk in picked:
-        h.update(f"{source_pk}:{task_pk}:{output_pk}:{spectra_pk}\n".encode())
+    picked = _pick(conn, spec, release_pk, None)
+    for p in picked:
+        spectra_pk = p.spectra[0]["output_pk"] if p.spectra else None
+        h.update(f"{p.source_pk}:{p.task_pk}:{p.output_pk}:{spectra_pk}\n".encode())
     return h.hexdigest(), len(picked)
