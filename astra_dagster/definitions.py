@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from astra_dagster.defs.checks import METHOD_CHECKS
 from astra_dagster.defs.examples import random_number_generator
 from astra_dagster.defs.labels import LABEL_ASSETS
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
@@ -14,6 +15,7 @@ from astra_dagster.lineage.model_io import AstraModelIOManager
 defs = dg.Definitions(
     assets=[random_number_generator, spectra, doppler_templates, doppler,
             *[a for pair in LABEL_ASSETS.items() for a in pair], *SUMMARY_ASSETS.values()],
+    asset_checks=list(METHOD_CHECKS.values()),
     jobs=[spectra_job],
     sensors=[release_sensor],
     resources={"astra_io_manager": AstraIOManager(), "astra_model_io_manager": AstraModelIOManager()},
