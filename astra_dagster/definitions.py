@@ -3,13 +3,13 @@
 import dagster as dg
 
 from astra_dagster.defs.checks import METHOD_CHECKS
+from astra_dagster.defs.diagnostics import AstraDiagnosticsIOManager
 from astra_dagster.defs.examples import random_number_generator
 from astra_dagster.defs.labels import LABEL_ASSETS
 from astra_dagster.defs.radial_velocity import doppler, doppler_templates
 from astra_dagster.defs.sensors import release_sensor
 from astra_dagster.defs.spectra import spectra, spectra_job
 from astra_dagster.defs.summaries import SUMMARY_ASSETS
-from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster.lineage.model_io import AstraModelIOManager
 
 defs = dg.Definitions(
@@ -18,5 +18,6 @@ defs = dg.Definitions(
     asset_checks=list(METHOD_CHECKS.values()),
     jobs=[spectra_job],
     sensors=[release_sensor],
-    resources={"astra_io_manager": AstraIOManager(), "astra_model_io_manager": AstraModelIOManager()},
+    # the lineage IO manager, plus plots on the method assets' materialisations
+    resources={"astra_io_manager": AstraDiagnosticsIOManager(), "astra_model_io_manager": AstraModelIOManager()},
 )

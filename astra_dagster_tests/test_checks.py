@@ -5,6 +5,7 @@ functions catch what they are for on tables that break them."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +21,15 @@ from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
 from astra_dagster.spectra.release import generate_release
 
 CANNON = {"ops": {"thecannon_model": {"config": {"n_train": 300, "seed": 5, "regions": "none"}}}}
+
+
+def assert_png(markdown: str, max_bytes: int = 120_000) -> bytes:
+    """The markdown is one image with a PNG data URI, of a sensible size; returns the PNG."""
+    prefix = "data:image/png;base64,"
+    assert markdown.startswith("![") and prefix in markdown and markdown.endswith(")"), markdown[:80]
+    png = base64.b64decode(markdown.split(prefix, 1)[1][:-1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 2_000 < len(png) < max_bytes, len(png)
+    return png
 
 
 def _evaluations(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
@@ -48,6 +58,15 @@ def test_checks_run_after_a_label_run(tmp_path: Path, clean_db: str) -> None:
         assert {t["label"] for t in targets} == {"teff", "logg", "fe_h"}
         assert all(t["pass"] == (t["rms"] is None or t["rms"] <= t["limit"]) for t in targets)
         assert 0 <= checks["flagged_fraction"].metadata["fraction"].value <= 1
+
+        # the materialisation carries the plots: Kiel diagram, Δ vs truth, accuracy per S/N bin
+        (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("thecannon")]
+        meta = event.materialization.metadata
+        for name in ("kiel_diagram", "delta_vs_truth"):
+            assert_png(meta[name].value)
+        records = meta["accuracy_by_snr"].value.records
+        assert {r.data["label"] for r in records} >= {"teff", "logg", "fe_h"}
+        assert all(r.data["n"] > 0 and r.data["rms"] >= 0 for r in records)
 
         # the same range again: every task skipped, nothing new to check
         again = _evaluations(materialize_range(defs, keys, run.first, run.last, instance=instance))

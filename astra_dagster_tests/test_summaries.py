@@ -26,6 +26,7 @@ from astra_dagster.orchestration.planned_runs import run_planned
 from astra_dagster.products import summary as sm
 from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
 from astra_dagster.spectra.release import generate_release
+from astra_dagster_tests.test_checks import assert_png
 
 N_SOURCES = 6
 RELEASE = "summary-test"
@@ -116,6 +117,9 @@ def test_thecannon_summary_asset_and_export(release: Path, clean_db: str, tmp_pa
         assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
 
         table = Table.read(path)
+        assert_png(meta[f"{RELEASE}/kiel_diagram"].value)
+        assert_png(meta[f"{RELEASE}/delta_vs_truth"].value)
+        assert meta[f"{RELEASE}/accuracy_by_snr"].value.records
         labels = [c for c in ("teff", "logg", "fe_h") if c in table.colnames]
         assert labels == ["teff", "logg", "fe_h"]
         assert meta[f"{RELEASE}/astraAllStarTheCannon-0.1.0.fits/rows"].value == len(table)
@@ -185,8 +189,13 @@ def test_thecannon_summary_asset_and_export(release: Path, clean_db: str, tmp_pa
 def test_doppler_summaries_per_star_and_per_visit(release: Path, clean_db: str) -> None:
     with dg.instance_for_test() as instance:
         _run(instance, release, "doppler_templates", TEMPLATES, "doppler")
-        assert materialize_assets(defs, [dg.AssetKey("doppler_summary")], instance=instance,
-                                  log_level="WARNING").success
+        result = materialize_assets(defs, [dg.AssetKey("doppler_summary")], instance=instance, log_level="WARNING")
+        assert result.success
+        (event,) = result.get_asset_materialization_events()
+        for name in ("kiel_diagram", "rv_scatter", "rv_error_vs_snr", "delta_vs_truth"):
+            assert_png(event.materialization.metadata[f"{RELEASE}/{name}"].value)
+        labels = {r.data["label"] for r in event.materialization.metadata[f"{RELEASE}/accuracy_by_snr"].value.records}
+        assert "vrel" in labels
     directory = sm.summary_directory(Path(os.environ["ASTRA_HOME"]), RELEASE)
     stars = Table.read(directory / "astraAllStarDoppler-0.1.0.fits")
     visits = Table.read(directory / "astraAllVisitDoppler-0.1.0.fits")

@@ -11,7 +11,6 @@ itself failed with the reason instead of failing the run.
 # No "from __future__ import annotations": Dagster reads the context annotation at runtime.
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -40,12 +39,7 @@ def run_table(spec: sm.MethodSpec, run_id: str) -> tuple[sm.SummaryTable, qa.Tru
     with connect() as conn:
         results = sm.fetch_results(conn, spec, run_id=run_id)
         table = sm.element_table(spec, sm.table_schema(conn, spec.table), results, sm.product_name(spec))
-        names = sorted({str(r) for r in table.columns["release"] if r})
-        synthetic = {} if not names else {
-            name: path for name, path, is_synthetic in conn.execute(
-                "select name, path, synthetic from astra.data_release where name = any(%s)", (names,)).fetchall()
-            if is_synthetic}
-    truth = qa.load_truth({n: Path(p) for n, p in synthetic.items()}) if synthetic else None
+        truth = qa.truth_for(conn, table)
     return table, truth
 
 

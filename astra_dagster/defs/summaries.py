@@ -11,6 +11,7 @@ go to ``astra.summary_file`` through the lineage IO manager. The table and file 
 
 # No "from __future__ import annotations" here: Dagster reads Config annotations at runtime.
 import os
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from astra_dagster.db.connection import connect
+from astra_dagster.defs.diagnostics import as_metadata, summary_diagnostics
 from astra_dagster.lineage import store
 from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import AstraConfig
@@ -76,11 +78,13 @@ CONFIGS: dict[str, type[SummaryConfig]] = {
     "ferre": SummarizeFerre, "apogeenet": SummarizeApogeeNet}
 
 
-def _write(method: str, item: TaskItem, formats: list[str], log: Any) -> list[dict[str, Any]]:
+def _write(method: str, item: TaskItem, formats: list[str], log: Any,
+           tables: dict[str, list[sm.SummaryTable]]) -> list[dict[str, Any]]:
     release = item.params["release"]
     directory = sm.summary_directory(get_settings().astra_home, release)
     with connect() as conn:
         report = sm.write_summary(conn, method, release, directory, formats)
+    tables[release] = report.tables  # for the plots
     if report.n_missing:
         log.warning(f"{method} summary of {release}: {report.n_missing} of "
                     f"{report.n_sources + report.n_missing} sources have no result yet")
@@ -144,13 +148,27 @@ def summary_asset(method: str, upstream: str) -> dg.AssetsDefinition:
             # a memoised summary whose file was deleted: write it again
             context.log.warning(f"{method}_summary: a recorded summary file is missing; rewriting")
             config = config.model_copy(update={"force": True})
-        batch = run_tasks(context, config, items, lambda item: _write(method, item, list(config.formats), context.log),
+        tables: dict[str, list[sm.SummaryTable]] = {}
+        batch = run_tasks(context, config, items,
+                          lambda item: _write(method, item, list(config.formats), context.log, tables),
                           table=TABLE, batch=False)
         files = [row for o in batch.outcomes if o.result for row in o.result]  # type: ignore[union-attr]
         if batch.n_skipped:
             files += [f for f in _recorded_files(hashes, config.task_module())
                       if not any(f["path"] == g["path"] for g in files)]
-        context.add_output_metadata(file_metadata(files))
+        metadata = file_metadata(files)
+        t0 = time.perf_counter()
+        try:
+            for rel in releases:
+                if rel.name not in tables:  # a skipped (unchanged) summary: its tables, for the plots
+                    with connect() as conn:
+                        tables[rel.name] = sm.release_tables(conn, method, rel.name)[0]
+                metadata.update(as_metadata(summary_diagnostics(spec, tables[rel.name], rel.name),
+                                            prefix=f"{rel.name}/"))
+            metadata["astra/plot_seconds"] = round(time.perf_counter() - t0, 3)
+        except Exception as exc:  # plots are a view; the files are written
+            context.log.warning(f"{method}_summary: no plots ({type(exc).__name__}: {exc})")
+        context.add_output_metadata(metadata)
         return batch
 
     compute.__doc__ = config_class.__doc__

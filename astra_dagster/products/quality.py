@@ -224,3 +224,13 @@ def run_checks(spec: MethodSpec, table: SummaryTable, truth: Truth | None) -> li
     else:
         out.append(accuracy(spec, table, truth))
     return out
+
+
+def truth_for(conn: Any, table: SummaryTable) -> Truth | None:
+    """The truth of the synthetic releases the table's rows come from (None: none is synthetic)."""
+    names = sorted({str(r) for r in table.columns["release"] if r}) if table.n_rows else []
+    if not names:
+        return None
+    rows = conn.execute("select name, path from astra.data_release where name = any(%s) and synthetic",
+                        (names,)).fetchall()
+    return load_truth({name: Path(path) for name, path in rows}) if rows else None
