@@ -189,6 +189,13 @@ def test_thecannon_summary_asset_and_export(release: Path, clean_db: str, tmp_pa
 def test_doppler_summaries_per_star_and_per_visit(release: Path, clean_db: str) -> None:
     with dg.instance_for_test() as instance:
         _run(instance, release, "doppler_templates", TEMPLATES, "doppler")
+        # a range run of two blocks: the plots ride on one event, the latest (the one the UI shows)
+        records = instance.fetch_materializations(dg.AssetKey("doppler"), limit=10).records
+        assert len(records) == 2
+        with_plots = [r for r in records if "kiel_diagram" in r.asset_materialization.metadata]
+        assert len(with_plots) == 1
+        latest = instance.get_latest_materialization_event(dg.AssetKey("doppler")).asset_materialization
+        assert_png(latest.metadata["rv_error_vs_snr"].value) and assert_png(latest.metadata["rv_scatter"].value)
         result = materialize_assets(defs, [dg.AssetKey("doppler_summary")], instance=instance, log_level="WARNING")
         assert result.success
         (event,) = result.get_asset_materialization_events()
