@@ -178,7 +178,7 @@ def summary_asset(method: str, upstream: str) -> dg.AssetsDefinition:
         io_manager_key="astra_io_manager",
         kinds={"python", "fits", "parquet"},
         deps=[upstream],
-        description=f"{config_class.__doc__} Files under ASTRA_HOME/summary/<release>/.",
+        description=f"{config_class.__doc__} Files under ASTRA_HOME/summary/RELEASE/.",
         metadata={RESULT_TABLE_KEY: TABLE, RESULT_ROWS_KEY: "many", "astra/task_family": config_class.task_family},
     )(compute)
 
