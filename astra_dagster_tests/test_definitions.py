@@ -27,6 +27,8 @@ EXPECTED_GRAPH = {
     "spectra": set(),
     **{model: set() for model in MODEL_OF.values()},
     **{method: {"spectra", model} for method, model in MODEL_OF.items()},
+    # summary files of each per-source method (astraAllStar<Method>): unpartitioned, after it
+    **{f"{method}_summary": {method} for method in MODEL_OF},
 }
 
 

@@ -418,3 +418,24 @@ insert into astra.schema_version (version) values ('4') on conflict do nothing;
 alter table astra.data_release add column if not exists synthetic boolean;
 
 insert into astra.schema_version (version) values ('5') on conflict do nothing;
+
+-- Schema 6: summary files (astraAllStar<Method>-<version>.fits/.parquet, astraAllVisitDoppler) as
+-- the outputs of summary tasks: one row per file a task wrote, so a file's checksum and row count
+-- lead back to the task (and its input fingerprint) that wrote it.
+create table if not exists astra.summary_file (
+    pk bigserial primary key,
+    output_pk int not null references astra.output_interface(pk) on delete restrict,
+    method text not null,          -- doppler, thecannon, thepayne, ferre, apogeenet
+    release text not null,         -- astra.data_release.name
+    product text not null,         -- astraAllStarTheCannon, astraAllVisitDoppler, ...
+    file_format text not null,     -- fits, parquet, csv
+    path text not null,
+    sha256 text not null,
+    size bigint not null,
+    n_rows int not null,
+    n_sources int not null,        -- sources with a result in the file
+    n_missing int not null         -- sources of the release without a result
+);
+create index if not exists summary_file_output_pk_idx on astra.summary_file (output_pk);
+
+insert into astra.schema_version (version) values ('6') on conflict do nothing;

@@ -420,6 +420,54 @@ def backfill(assets: str, first: str | None, last: str | None, partitions: str |
         raise AstraCliError(str(exc)) from exc
 
 
+# ---------------------------------------------------------------------------- summaries
+
+
+@main.command()
+@click.option("--method", required=True, help="doppler, thecannon, thepayne, ferre or apogeenet.")
+@click.option("--release", "release_name", required=True, help="A registered release.")
+@click.option("--format", "formats", multiple=True, default=("fits",), show_default=True,
+              help="fits, parquet or csv (repeat for several).")
+@click.option("--force", is_flag=True, help="Write again even though an identical summary task succeeded.")
+@one_line_errors
+def export(method: str, release_name: str, formats: tuple[str, ...], force: bool) -> None:
+    """Write a method's summary files of one release (astraAllStar<Method>, for doppler also
+    astraAllVisitDoppler) under ASTRA_HOME/summary/<release>/, as the <method>_summary asset does
+    (a Dagster run in this process, with a summary task in the lineage tables)."""
+    import dagster as dg
+
+    from astra_dagster.db.connection import connect
+    from astra_dagster.orchestration.build import load_definitions, materialize_assets
+    from astra_dagster.orchestration.instance import get_instance
+    from astra_dagster.products import summary as sm
+
+    initialise(echo=False)
+    try:
+        spec = sm.method_spec(method)
+        unknown = [f for f in formats if f not in sm.FORMATS]
+        if unknown:
+            raise sm.SummaryError(f"unknown format {unknown[0]!r} (known: {', '.join(sm.FORMATS)})")
+        with connect() as conn:
+            rel = sm.find_release(conn, release_name)
+    except sm.SummaryError as exc:
+        raise AstraCliError(str(exc), EXIT_UNKNOWN) from exc
+    name = f"{spec.name}_summary"
+    config = {"releases": [rel.name], "formats": list(formats), "force": force}
+    result = materialize_assets(load_definitions(), [dg.AssetKey(name)], instance=get_instance(),
+                                run_config={"ops": {name: {"config": config}}}, log_level="ERROR")
+    if not result.success:
+        raise AstraCliError(f"export of {method} for {rel.name} failed (Dagster run {result.run_id})")
+    with connect() as conn:
+        rows = conn.execute(
+            "select distinct on (product, file_format) path, n_rows, n_sources, n_missing, sha256 "
+            "from astra.summary_file where method = %s and release = %s and file_format = any(%s) "
+            "order by product, file_format, pk desc", (spec.name, rel.name, list(formats))).fetchall()
+    for path, n_rows, _, _, sha in rows:
+        click.echo(f"{path}  {n_rows} rows  sha256 {sha}")
+    if rows and rows[0][3]:
+        click.echo(f"{rows[0][3]} of {rows[0][2] + rows[0][3]} sources of {rel.name} have no {method} result yet")
+
+
 # ---------------------------------------------------------------------------- demo / ui
 
 

@@ -59,8 +59,9 @@ def materialize_assets(
     config = dict(run_config or {})
     if log_level:
         config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    # the asset checks too: a run of an asset runs its checks after it, as the daemon's runs do
     return dg.materialize(
-        [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)],
+        [a for a in [*(defs.assets or []), *(defs.asset_checks or [])] if isinstance(a, dg.AssetsDefinition)],
         selection=list(asset_keys),
         instance=instance,
         resources=defs.resources,
