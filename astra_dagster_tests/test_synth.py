@@ -185,7 +185,7 @@ def test_make_training_set_noiseless_and_noisy() -> None:
     assert ts.flux.shape == ts.ivar.shape == (12, WAVE.size)
     assert np.array_equal(ts.wavelength, WAVE)
     assert set(ts.labels) == set(synth.ALL_LABELS) and ts.label_names == synth.CARRIED_LABELS["physical"]
-    assert ts.label_array().shape == (12, 4)
+    assert ts.label_array().shape == (12, 3)
     assert np.all(ts.ivar[:, ~CHIPS] == 0) and np.all(ts.ivar[:, CHIPS] == synth.NOISELESS_IVAR)
     assert np.all(np.isfinite(ts.flux))
     again = synth.make_training_set(12, seed=3)
