@@ -1,6 +1,17 @@
-"""Physics-lite synthetic APOGEE spectra (the truth generator of the synthetic data releases).
+"""Synthetic APOGEE spectra: the truth generator of the synthetic data releases and training sets.
 
-The model, in short (reference/methods.md §3):
+Two spectral models under one instrument (:data:`SPECTRAL_MODELS`, ``SynthesisSettings.model``):
+
+* ``"physical"`` (the default for releases and training sets): Synspec line physics from
+  Doppler's template grids, :mod:`astra_dagster.spectra.physical`. Its spectra carry Teff, logg
+  and [Fe/H] (plus vmacro and vsini by convolution); [α/M], vmicro, [C/Fe] and [N/Fe] are drawn
+  and recorded in truth tables but leave no trace in the flux, so no method can recover them.
+  Giants are drawn from real DR17 labels (:mod:`astra_dagster.spectra.dr17_labels`).
+* ``"lines"``: the physics-lite line list below. Its lines sit at random wavelengths (a spectrum
+  of it correlates ~0.04 with a real star's), but it carries all the labels, so it remains the
+  model for testing methods' multi-label machinery.
+
+The line model, in short (reference/methods.md §3):
 
 * **Atmosphere in one point.** For (Teff, logg, [Fe/H], [α/Fe]) a characteristic gas pressure
   ``P_g ∝ g^(2/3)`` (lower for metal-rich and for hot atmospheres) and the electron pressure from
@@ -897,6 +908,7 @@ def synthesize(
     *,
     rv_kms: float = 0.0,
     fiber: int | None = None,
+    edge: str = "raise",
 ) -> np.ndarray:
     """Continuum-normalised flux of a star on the given vacuum wavelengths (Å).
 
@@ -906,12 +918,13 @@ def synthesize(
     ``"lines"`` needs teff, logg, fe_h, alpha_m. Hidden labels (vmicro, vmacro, vsini, c_fe,
     n_fe) default to their relations. With ``rv_kms`` the spectrum is Doppler shifted,
     ``λ_obs = λ_rest (1 + v/c)``, and ``wavelength`` is the observed grid. ``fiber`` (1-300)
-    sets R when ``settings.fiber_resolution``. Deterministic: no randomness at all.
+    sets R when ``settings.fiber_resolution``. ``edge="clip"`` clamps labels outside the physical
+    model's grid onto it (for model grids that must be rectangular). Deterministic.
     """
     if settings.model == "physical":
         from astra_dagster.spectra.physical import physical_flux  # physical builds on this module
 
-        return physical_flux(labels, wavelength, settings, rv_kms=rv_kms, fiber=fiber)
+        return physical_flux(labels, wavelength, settings, rv_kms=rv_kms, fiber=fiber, edge=edge)  # type: ignore[arg-type]
     lab = _complete_labels(labels)
     obs = observation(wavelength, settings, rv_kms, fiber, model="generator")
     internal, grid = _render(lab, settings, obs.resolution, obs.shift_px, obs.pixel_px)
