@@ -155,7 +155,7 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
         report(f"grid: {lo + len(block)}/{n_nodes} nodes")
     seconds = time.perf_counter() - t0
     meta = {"generator": synth.GENERATOR_VERSION, "settings": settings.name, "seed": int(seed),
-            "model": settings.model,
+            "spectral_model": settings.model,
             "continuum_fingerprint": continuum.continuum_fingerprint(), "build_seconds": round(seconds, 1),
             "interpolation": "multilinear", "continuum_degree": CONTINUUM_DEGREE}
     grid = FerreGrid(axes, depth, pixels, meta)

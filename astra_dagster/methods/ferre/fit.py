@@ -353,7 +353,7 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
     if hydrogen.has_hot_star_lines(apstar_wavelength()[grid.pixels], p.y, best_model, p.w):
         row["bitmask_flag"] = flags | FLAGS["HYDROGEN_LINES"]
         return row
-    if grid.meta.get("model") == "physical" and not _covered(grid, names, x_best):
+    if grid.meta.get("spectral_model") == "physical" and not _covered(grid, names, x_best):
         row["bitmask_flag"] = flags | FLAGS["OUTSIDE_MODEL"]
         return row
     low_ok = np.array([n == "lgvsini" for n in names])[free]   # v sin i below 1 km/s is unresolved, not off-grid
