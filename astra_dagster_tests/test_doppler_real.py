@@ -97,8 +97,9 @@ def test_real_apstar_visits_are_at_rest(templates) -> None:
 
 
 def test_generator_templates_on_real_apvisits_give_no_trusted_wrong_rv() -> None:
-    """The synthetic generator's templates do not describe real stars (issue #11: 9518 came out
-    +563 km/s off, 5095 -18.7 km/s, both reported as good): their RVs must be rejected."""
+    """Templates trained on the generator, whose default model is now physical (issue #11: with
+    the old line list 9518 came out +563 km/s off, 5095 -18.7 km/s, both reported as good): each
+    real visit's RV is within 1 km/s of the pipeline's or rejected (BAD_RV, NaN)."""
     from astra_dagster.methods.doppler import train_generator_emulators
 
     generator = train_generator_emulators()
@@ -107,6 +108,7 @@ def test_generator_templates_on_real_apvisits_give_no_trusted_wrong_rv() -> None
         drp = apogee.drp_radial_velocity(path)
         good = result.ok and abs(result.vhelio - drp["vhelio"]) < 1.0
         assert good or (result.flags & DopplerFlag.BAD_RV and math.isnan(result.vhelio)), result.to_dict()
+    # the K giant that failed worst before: now measured (-82.10 against the DRP's -82.05 km/s)
     (worst,) = _files(THEDOPPLER, "*apVisit*9518*.fits")
     result = fit_visit(apogee.read_apvisit(worst), generator)
-    assert result.flags & DopplerFlag.CCF_MISMATCH and "from the CCF peak" in result.message
+    assert result.ok and abs(result.vhelio - apogee.drp_radial_velocity(worst)["vhelio"]) < 1.0

@@ -1,6 +1,10 @@
-"""The physics-lite synthetic spectrum generator: physics trends, RV shifts, noise, training sets."""
+"""The instrument and populations of the synthetic generator, and its physics-lite line model
+(``model="lines"``): physics trends, RV shifts, noise, training sets. The physical model's own
+tests are in test_physical_model.py."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -10,17 +14,20 @@ from astra_dagster.spectra import synth
 from astra_dagster.spectra.spectrum import C_KMS, apstar_wavelength
 
 GIANT = {"teff": 4500.0, "logg": 2.5, "fe_h": 0.0, "alpha_m": 0.0}
+# the line model under the release and training instruments
+LINES_RELEASE = dataclasses.replace(synth.RELEASE_SETTINGS, model="lines")
+LINES_TRAINING = dataclasses.replace(synth.TRAINING_SETTINGS, model="lines")
 WAVE = apstar_wavelength()
 CHIPS = synth.chip_mask(WAVE)
 
 
 def flux(labels: dict, **kw) -> np.ndarray:
-    return synth.synthesize(labels, WAVE, kw.pop("settings", synth.TRAINING_SETTINGS), **kw)
+    return synth.synthesize(labels, WAVE, kw.pop("settings", LINES_TRAINING), **kw)
 
 
 def test_deterministic_finite_and_normalised() -> None:
-    a = synth.synthesize(GIANT, WAVE, synth.RELEASE_SETTINGS, rv_kms=12.0, fiber=77)
-    b = synth.synthesize(GIANT, WAVE, synth.RELEASE_SETTINGS, rv_kms=12.0, fiber=77)
+    a = synth.synthesize(GIANT, WAVE, LINES_RELEASE, rv_kms=12.0, fiber=77)
+    b = synth.synthesize(GIANT, WAVE, LINES_RELEASE, rv_kms=12.0, fiber=77)
     assert np.array_equal(a, b)
     assert np.all(np.isfinite(a))
     assert a.min() > 0.2 and a.max() < 1.01
@@ -33,13 +40,13 @@ def test_deterministic_finite_and_normalised() -> None:
 def test_rv_shift_matches_resampled_rest_frame() -> None:
     v = 41.7
     shifted = flux(GIANT, rv_kms=v)
-    rest_on_obs = synth.synthesize(GIANT, WAVE / (1 + v / C_KMS), synth.TRAINING_SETTINGS)
+    rest_on_obs = synth.synthesize(GIANT, WAVE / (1 + v / C_KMS), LINES_TRAINING)
     assert np.max(np.abs(shifted - rest_on_obs)[CHIPS]) < 3e-3
     # and the shift is recovered by a χ² fit against the rest-frame model to < 0.01 km/s
     good = CHIPS & (WAVE > 15200) & (WAVE < 16900)
 
     def chi2(trial: float) -> float:
-        model = synth.synthesize(GIANT, WAVE[good] / (1 + trial / C_KMS), synth.TRAINING_SETTINGS)
+        model = synth.synthesize(GIANT, WAVE[good] / (1 + trial / C_KMS), LINES_TRAINING)
         return float(np.sum((shifted[good] - model) ** 2))
 
     fit = minimize_scalar(chi2, bounds=(v - 3, v + 3), method="bounded", options={"xatol": 1e-4})
@@ -89,8 +96,8 @@ def test_broadening_and_resolution() -> None:
     # rotation fills in the lines but conserves their equivalent width (normalised kernel)
     assert np.std(wide[CHIPS]) < 0.8 * np.std(narrow[CHIPS])
     assert abs(np.mean(1 - wide[CHIPS]) - np.mean(1 - narrow[CHIPS])) < 2e-3
-    low_r = synth.synthesize(GIANT, WAVE, synth.SynthesisSettings(resolution=15000.0))
-    assert np.std(low_r[CHIPS]) < np.std(synth.synthesize(GIANT, WAVE, synth.SynthesisSettings())[CHIPS])
+    low_r = synth.synthesize(GIANT, WAVE, synth.SynthesisSettings(resolution=15000.0, model="lines"))
+    assert np.std(low_r[CHIPS]) < np.std(synth.synthesize(GIANT, WAVE, synth.SynthesisSettings(model="lines"))[CHIPS])
     r = [synth.fiber_resolving_power(f) for f in (1, 75, 150, 225, 300)]
     assert 20000 < min(r) < 21000 and 23500 < max(r) < 24000
     with pytest.raises(ValueError, match="fiber 0"):
@@ -98,15 +105,15 @@ def test_broadening_and_resolution() -> None:
 
 
 def test_release_and_training_settings_differ_slightly() -> None:
-    rel = synth.synthesize(GIANT, WAVE, synth.RELEASE_SETTINGS, fiber=20)
-    tra = synth.synthesize(GIANT, WAVE, synth.TRAINING_SETTINGS)
+    rel = synth.synthesize(GIANT, WAVE, LINES_RELEASE, fiber=20)
+    tra = synth.synthesize(GIANT, WAVE, LINES_TRAINING)
     rms = np.sqrt(np.mean((rel - tra)[CHIPS] ** 2))
     assert 1e-3 < rms < 0.03, rms
     # the asymmetric LSF is centred as a Gaussian fit sees it: no velocity offset between the two
     good = CHIPS
 
     def chi2(v: float) -> float:
-        model = synth.synthesize(GIANT, WAVE[good] / (1 + v / C_KMS), synth.TRAINING_SETTINGS)
+        model = synth.synthesize(GIANT, WAVE[good] / (1 + v / C_KMS), LINES_TRAINING)
         return float(np.sum((rel[good] - model) ** 2))
 
     assert abs(minimize_scalar(chi2, bounds=(-2, 2), method="bounded").x) < 0.03
@@ -126,15 +133,20 @@ def test_continuum_shape() -> None:
 
 def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="alpha_m"):
-        synth.synthesize({"teff": 4500, "logg": 2, "fe_h": 0}, WAVE)
+        synth.synthesize({"teff": 4500, "logg": 2, "fe_h": 0}, WAVE, LINES_RELEASE)
     with pytest.raises(ValueError, match="teff"):
-        synth.synthesize({**GIANT, "teff": 1000.0}, WAVE)
+        synth.synthesize({**GIANT, "teff": 1000.0}, WAVE, LINES_RELEASE)
     with pytest.raises(ValueError, match="logg"):
-        synth.synthesize({**GIANT, "logg": float("nan")}, WAVE)
+        synth.synthesize({**GIANT, "logg": float("nan")}, WAVE, LINES_RELEASE)
     with pytest.raises(ValueError, match="outside the generator's range"):
-        synth.synthesize(GIANT, np.linspace(14000, 15000, 10))
+        synth.synthesize(GIANT, np.linspace(14000, 15000, 10), LINES_RELEASE)
     with pytest.raises(ValueError, match="rv_kms"):
-        synth.synthesize(GIANT, WAVE, rv_kms=5000.0)
+        synth.synthesize(GIANT, WAVE, LINES_RELEASE, rv_kms=5000.0)
+    with pytest.raises(ValueError, match="model"):
+        synth.SynthesisSettings(model="blackbody")
+    # the default (physical) model names its own range
+    with pytest.raises(ValueError, match="teff=3000"):
+        synth.synthesize({**GIANT, "teff": 3000.0}, WAVE)
     with pytest.raises(ValueError, match="population"):
         synth.draw_labels(3, np.random.default_rng(0), population="martians")
 
@@ -146,7 +158,7 @@ def test_label_distribution() -> None:
     assert 0.58 < frac["giant"] < 0.66 and 0.24 < frac["dwarf"] < 0.32
     assert 0.03 < frac["hot"] < 0.07 and 0.03 < frac["yso"] < 0.07
     g = kind == "giant"
-    # close to the DR17 RGB sample: medians 4460 K, logg 2.0, [Fe/H] -0.28, [α/Fe] 0.08
+    # drawn from the DR17 RGB sample (medians 4460 K, logg 2.0, [Fe/H] -0.28, [α/Fe] 0.08)
     assert 4350 < np.median(labels["teff"][g]) < 4650
     assert 1.8 < np.median(labels["logg"][g]) < 2.5
     assert -0.35 < np.median(labels["fe_h"][g]) < -0.05
@@ -155,6 +167,13 @@ def test_label_distribution() -> None:
     assert labels["teff"][hot].min() >= 8000 and labels["teff"][hot].max() <= 20000
     yso = kind == "yso"
     assert np.all(labels["teff"][yso] < 5000) and np.all(labels["logg"][yso] < 4.4)
+    # every star can be rendered by the physical model
+    from astra_dagster.spectra.physical import in_grid
+
+    assert in_grid(labels["teff"], labels["logg"], labels["fe_h"]).all()
+    uniform = synth.draw_labels(500, np.random.default_rng(2), population="uniform")
+    assert in_grid(uniform["teff"], uniform["logg"], uniform["fe_h"]).all()
+    assert uniform["logg"][uniform["teff"] > 6000].min() >= 3.5  # the grid's hole is avoided
     fixed = synth.draw_labels(50, np.random.default_rng(1), population="giants", hidden_scatter=False)
     rel = synth.hidden_label_relations(fixed["teff"], fixed["logg"], fixed["fe_h"])
     for name in ("vmicro", "vmacro", "c_fe", "n_fe"):
@@ -165,8 +184,8 @@ def test_make_training_set_noiseless_and_noisy() -> None:
     ts = synth.make_training_set(12, seed=3)
     assert ts.flux.shape == ts.ivar.shape == (12, WAVE.size)
     assert np.array_equal(ts.wavelength, WAVE)
-    assert set(ts.labels) == set(synth.ALL_LABELS) and ts.label_names == synth.MAIN_LABELS
-    assert ts.label_array().shape == (12, 4)
+    assert set(ts.labels) == set(synth.ALL_LABELS) and ts.label_names == synth.CARRIED_LABELS["physical"]
+    assert ts.label_array().shape == (12, 3)
     assert np.all(ts.ivar[:, ~CHIPS] == 0) and np.all(ts.ivar[:, CHIPS] == synth.NOISELESS_IVAR)
     assert np.all(np.isfinite(ts.flux))
     again = synth.make_training_set(12, seed=3)

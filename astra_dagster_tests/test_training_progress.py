@@ -20,7 +20,7 @@ TINY: dict[str, tuple[dict[str, Any], str]] = {
     "thepayne": ({"n_train": 200, "hidden": 16, "epochs": 20, "n_components": 16, "n_calibration": 12},
                  "epoch 20/20: train rms"),
     "ferre": ({"teff_step": 500.0, "logg_step": 2.5, "metals_min": -1.0, "metals_step": 0.5, "alpha_min": 0.0,
-               "alpha_max": 0.25, "n_validation": 0}, "grid: 192/192 nodes"),
+               "alpha_max": 0.25, "n_validation": 0}, "grid: 96/96 nodes"),
     "apogeenet": ({"n_train": 60, "epochs": 2}, "epoch 2/2: train loss"),
 }
 #: Model asset of each method.

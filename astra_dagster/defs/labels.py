@@ -258,7 +258,7 @@ class TrainThePayne(AstraConfig):
     learning_rate: float = Field(default=3e-3, description="Adam learning rate.")
     n_components: int = Field(default=96, description="PCA components of the factorised output layer.")
     kinds: str = Field(default="giant,dwarf,yso", description="Generator populations in the training set.")
-    labels: str = Field(default="teff,logg,fe_h,alpha_m,vmicro,c_fe,n_fe",
+    labels: str = Field(default="teff,logg,fe_h",
                         description="Emulator labels (teff, logg, fe_h required; vmicro, c_fe, n_fe are written "
                                     "as v_turb, c_h, n_h).")
 
@@ -299,9 +299,10 @@ class BuildFerreGrid(AstraConfig):
     metals_min: float = -2.5
     metals_max: float = 0.5
     metals_step: float = 0.25
-    alpha_min: float = -0.25
-    alpha_max: float = 0.5
-    alpha_step: float = 0.25
+    alpha_min: float = 0.0
+    alpha_max: float = 0.0
+    alpha_step: float = Field(default=0.0, description="0: [α/M] is not a dimension (the generator's physical "
+                              "model does not carry it).")
     log10vdop_min: float = 0.0
     log10vdop_max: float = 0.0
     log10vdop_step: float = Field(default=0.0, description="0: microturbulence on the generator's relation.")

@@ -77,3 +77,23 @@ def draw_dr17_giants(n: int, seed: int, *, physical_grid: bool = True) -> dict[s
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x647231])  # "dr1": own stream per seed
     pick = pool[rng.choice(pool.size, size=n, replace=n > pool.size)]
     return {k: stars[k][pick].copy() for k in DR17_LABELS}
+
+
+def sample_dr17_giants(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n`` giants drawn with replacement from the DR17 stars inside the physical model's grid,
+    from the caller's random stream (the generator's populations use this)."""
+    if n < 0:
+        raise ValueError(f"number of stars must be >= 0, got {n}")
+    stars = load_dr17_giants()
+    pick = _physical_pool()[rng.integers(0, _physical_pool().size, size=n)]
+    return {k: stars[k][pick].copy() for k in DR17_LABELS}
+
+
+@lru_cache(maxsize=1)
+def _physical_pool() -> np.ndarray:
+    from astra_dagster.spectra.physical import in_grid
+
+    stars = load_dr17_giants()
+    pool = np.flatnonzero(in_grid(stars["teff"], stars["logg"], stars["fe_h"]))
+    pool.setflags(write=False)
+    return pool

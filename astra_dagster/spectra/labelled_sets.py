@@ -28,7 +28,7 @@ from astra_dagster.spectra import synth
 from astra_dagster.spectra.bitmask import flag
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
-LABELS = ("teff", "logg", "fe_h", "alpha_m")
+LABELS = ("teff", "logg", "fe_h")  # what the generator's physical model carries
 _TEST_STREAM = 0x63616E6E  # "cann": never shared with releases or training sets
 _RAW_STREAM = 0x616E7473  # "ants": the raw-flux sets (APOGEENet's tests and bench), likewise
 
@@ -67,10 +67,11 @@ def training_set(n: int, seed: int, *, kinds: tuple[str, ...] = ("giant", "dwarf
 
 
 def physical_spectra(n: int, seed: int, snr: float | np.ndarray, *, population: str = "survey",
-                     kinds: tuple[str, ...] | None = None
+                     kinds: tuple[str, ...] | None = None, settings: synth.SynthesisSettings = synth.RELEASE_SETTINGS,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Release-like rest-frame apStar-grid spectra in flux units, *not* normalised:
-    (flux, ivar, pixel_flags, labels, kind, snr)."""
+    (flux, ivar, pixel_flags, labels, kind, snr). ``settings``: the release instrument with the
+    physical model by default (``model="lines"`` for tests of multi-label machinery)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TEST_STREAM]))
     labels, kind = synth.draw_labels_with_kind(n if kinds is None else 3 * n + 20, rng, population)
     if kinds is not None:
@@ -86,7 +87,7 @@ def physical_spectra(n: int, seed: int, snr: float | np.ndarray, *, population: 
     bad_bits = flag("BADPIX", "BADDARK", "CRPIX")
     for i in range(n):
         lab = {k: float(labels[k][i]) for k in synth.ALL_LABELS}
-        norm = synth.synthesize(lab, wave, synth.RELEASE_SETTINGS, fiber=int(rng.integers(1, 301)))
+        norm = synth.synthesize(lab, wave, settings, fiber=int(rng.integers(1, 301)))
         cont = synth.continuum(lab, wave) * 10.0 ** (-0.4 * rng.exponential(0.15) * (wave / 16500.0) ** -2.0)
         throughput = np.ones(wave.size)
         for c, (lo, hi) in enumerate(continuum.CHIPS):
@@ -106,9 +107,11 @@ def physical_spectra(n: int, seed: int, snr: float | np.ndarray, *, population: 
 
 
 def release_like_set(n: int, seed: int, snr: float | np.ndarray, *, population: str = "survey",
-             kinds: tuple[str, ...] | None = None) -> LabelledSet:
+                     kinds: tuple[str, ...] | None = None,
+                     settings: synth.SynthesisSettings = synth.RELEASE_SETTINGS) -> LabelledSet:
     """:func:`physical_spectra`, normalised with the shared continuum code."""
-    flux, ivar, flags, labels, kind, snr_arr = physical_spectra(n, seed, snr, population=population, kinds=kinds)
+    flux, ivar, flags, labels, kind, snr_arr = physical_spectra(n, seed, snr, population=population, kinds=kinds,
+                                                                settings=settings)
     nf, ni, cflags = continuum.normalize_arrays(apstar_wavelength(), flux, ivar, flags, return_flags=True)
     return LabelledSet(nf, ni, labels, kind, snr_arr, cflags)
 

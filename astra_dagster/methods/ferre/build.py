@@ -27,12 +27,16 @@ from astra_dagster.methods.progress import Progress, reporter
 from astra_dagster.spectra import synth
 from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
-#: Default grid of :func:`train_model` (8580 nodes, ~1-2 min on one core).
+#: Default grid of :func:`train_model`: Teff, logg, [M/H] (2145 nodes), the labels the
+#: generator's physical model carries; [α/M] is off (step 0) because its spectra do not depend
+#: on it. Nodes in the physical model's hole (Teff > 5500 K with logg < 3.5: no Synspec
+#: spectrum) are rendered at the nearest covered logg, and a fit that lands there is flagged
+#: OUTSIDE_MODEL with no labels.
 DEFAULT_GRID: dict[str, float] = {
     "teff_min": 3500.0, "teff_max": 7000.0, "teff_step": 250.0,
     "logg_min": 0.0, "logg_max": 5.0, "logg_step": 0.5,
     "metals_min": -2.5, "metals_max": 0.5, "metals_step": 0.25,
-    "alpha_min": -0.25, "alpha_max": 0.5, "alpha_step": 0.25,
+    "alpha_min": 0.0, "alpha_max": 0.0, "alpha_step": 0.0,
     "log10vdop_min": 0.0, "log10vdop_max": 0.0, "log10vdop_step": 0.0,
     "lgvsini_min": 0.0, "lgvsini_max": 0.0, "lgvsini_step": 0.0,
     "c_min": 0.0, "c_max": 0.0, "c_step": 0.0,
@@ -72,7 +76,7 @@ def _grid_axes(options: Mapping[str, float]) -> tuple[GridAxis, ...]:
 
 def _node_labels(names: Sequence[str], values: Sequence[float]) -> dict[str, float]:
     lab = dict(zip(names, values, strict=True))
-    out = {"teff": lab["teff"], "logg": lab["logg"], "fe_h": lab["metals"], "alpha_m": lab["o_mg_si_s_ca_ti"]}
+    out = {"teff": lab["teff"], "logg": lab["logg"], "fe_h": lab["metals"], "alpha_m": lab.get("o_mg_si_s_ca_ti", 0.0)}
     if "log10vdop" in lab:
         out["vmicro"] = 10.0 ** lab["log10vdop"]
     if "lgvsini" in lab:
@@ -136,7 +140,9 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
     ivar = np.where(chips >= 0, synth.NOISELESS_IVAR, 0.0)
     for lo in range(0, n_nodes, chunk):
         block = list(itertools.islice(nodes, chunk))
-        flux = np.array([synth.synthesize(_node_labels(names, v), wave, settings) for v in block])
+        # a grid must be rectangular: nodes the physical model does not cover get the nearest
+        # covered spectrum, and fits landing there are flagged OUTSIDE_MODEL (fit.py)
+        flux = np.array([synth.synthesize(_node_labels(names, v), wave, settings, edge="clip") for v in block])
         norm, _, flags = continuum.normalize_arrays(wave, flux, np.broadcast_to(ivar, flux.shape),
                                                     return_flags=True)
         if np.any(flags):
@@ -149,6 +155,7 @@ def train_model(*, n_train: int | None = None, seed: int = 0, n_validation: int 
         report(f"grid: {lo + len(block)}/{n_nodes} nodes")
     seconds = time.perf_counter() - t0
     meta = {"generator": synth.GENERATOR_VERSION, "settings": settings.name, "seed": int(seed),
+            "spectral_model": settings.model,
             "continuum_fingerprint": continuum.continuum_fingerprint(), "build_seconds": round(seconds, 1),
             "interpolation": "multilinear", "continuum_degree": CONTINUUM_DEGREE}
     grid = FerreGrid(axes, depth, pixels, meta)

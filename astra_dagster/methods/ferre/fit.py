@@ -353,6 +353,9 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
     if hydrogen.has_hot_star_lines(apstar_wavelength()[grid.pixels], p.y, best_model, p.w):
         row["bitmask_flag"] = flags | FLAGS["HYDROGEN_LINES"]
         return row
+    if grid.meta.get("spectral_model") == "physical" and not _covered(grid, names, x_best):
+        row["bitmask_flag"] = flags | FLAGS["OUTSIDE_MODEL"]
+        return row
     low_ok = np.array([n == "lgvsini" for n in names])[free]   # v sin i below 1 km/s is unresolved, not off-grid
     edge = ((x_best[free] < EDGE_TOLERANCE) & ~low_ok) | (x_best[free] > shape[free] - 1.0 - EDGE_TOLERANCE)
     if edge.any():
@@ -374,3 +377,12 @@ def _fit_one(grid: FerreGrid, spectrum: Spectrum, fixed: dict[str, float],
         flags |= FLAGS["BAD_CURVATURE"]
     row["bitmask_flag"] = flags
     return row
+
+
+def _covered(grid: FerreGrid, names: list[str], x: np.ndarray) -> bool:
+    """Whether the fitted (teff, logg, metals) lies where the physical model has spectra (the grid
+    nodes elsewhere are clamped copies, so a minimum there carries no information)."""
+    from astra_dagster.spectra.physical import in_grid
+
+    value = {n: grid.axis(n).to_value(x[k]) for k, n in enumerate(names)}
+    return bool(in_grid(value["teff"], value["logg"], value["metals"]))

@@ -13,6 +13,7 @@ FLAGS: dict[str, int] = {
     "BAD_CURVATURE": 1 << 7,
     "HYDROGEN_LINES": 1 << 8,
     "POOR_MODEL_MATCH": 1 << 9,   # reduced χ² above mismatch.POOR_MATCH_CHI2: labels None
+    "OUTSIDE_MODEL": 1 << 10,     # best fit where the physical model has no spectrum: labels None
 }
 
 #: A spectrum needs at least this many usable pixels to be fitted.

@@ -26,8 +26,9 @@ FORMAT = "astra-ferre-grid/1"
 DIMENSIONS: tuple[str, ...] = ("teff", "logg", "metals", "log10vdop", "o_mg_si_s_ca_ti", "lgvsini", "c", "n")
 #: Dimensions a grid built here may have: c = [C/M], n = [N/M] (M = Fe in the generator).
 GRID_DIMENSIONS: tuple[str, ...] = ("teff", "logg", "metals", "o_mg_si_s_ca_ti", "log10vdop", "lgvsini", "c", "n")
-#: Optional dimensions: off (the generator's mean relation) unless their step is > 0.
-OPTIONAL_DIMENSIONS: tuple[str, ...] = ("log10vdop", "lgvsini", "c", "n")
+#: Optional dimensions: off (the generator's mean relation) unless their step is > 0. [α/M] is
+#: optional since the generator's physical model does not carry it (its spectra have one [α/M]).
+OPTIONAL_DIMENSIONS: tuple[str, ...] = ("o_mg_si_s_ca_ti", "log10vdop", "lgvsini", "c", "n")
 
 #: Fixed-point unit of the stored line depths.
 DEPTH_QUANTUM = 1.0 / 32000.0

@@ -20,7 +20,8 @@ FULL_TRAINING: dict[str, Any] = {"n_train": 3000, "seed": 101}
 #: Populations of the generator the default model covers; a quadratic model cannot span the hot stars.
 TRAINING_KINDS: tuple[str, ...] = ("giant", "dwarf", "yso")
 #: Label order of the per-spectrum results and of ``astra.thecannon``.
-LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m")
+#: The labels the generator's physical model carries ([α/M] would be fitted to noise).
+LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
 
 
 def training_spectra(n_train: int, seed: int, *, kinds: Sequence[str] = TRAINING_KINDS,

@@ -125,9 +125,12 @@ def _clean(value: float) -> float | None:
 
 
 def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, continuum_flags: int = 0,
-                   non_finite: bool = False, snr: float | None = None) -> dict[str, Any]:
+                   non_finite: bool = False, snr: float | None = None,
+                   screen_mismatch: bool = True) -> dict[str, Any]:
     """Fit one continuum-normalised spectrum (8575 apStar pixels, or the model's pixels).
-    Returns one output row (see :func:`fit_spectra`)."""
+    Returns one output row (see :func:`fit_spectra`). ``screen_mismatch=False`` skips the
+    POOR_MODEL_MATCH screen (noiseless calibration spectra, whose χ² against the token ivar
+    measures emulator error, not a mismatch)."""
     flux = np.asarray(flux, dtype=float)
     ivar = np.asarray(ivar, dtype=float)
     if flux.shape != ivar.shape or flux.ndim != 1:
@@ -178,7 +181,7 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
         flag |= FLAGS["RV_AT_BOUND"]
     if r_chi_sq > HIGH_CHI2:
         flag |= FLAGS["HIGH_CHI2"]
-    if mismatch.is_poor_match(r_chi_sq, snr):
+    if screen_mismatch and mismatch.is_poor_match(r_chi_sq, snr):
         flag |= FLAGS["POOR_MODEL_MATCH"]
     if hydrogen.has_hot_star_lines(apstar_wavelength()[model.pixels], flux,
                                    model.predict_scaled(p[None, :k])[0], weight):

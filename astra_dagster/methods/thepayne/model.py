@@ -24,8 +24,9 @@ FORMAT = "astra-thepayne/1"
 FIT_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "alpha_m", "vmicro", "c_fe", "n_fe")
 #: Labels every model must have.
 REQUIRED_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
-#: The default label set.
-LABELS: tuple[str, ...] = FIT_LABELS
+#: The default label set: the labels the generator's physical model carries (its spectra do not
+#: depend on [α/M], vmicro, [C/Fe] or [N/Fe]; a model fitting them would fit noise).
+LABELS: tuple[str, ...] = REQUIRED_LABELS
 #: astra.thepayne column of each label; [C/Fe] and [N/Fe] are stored as [C/H] and [N/H].
 COLUMNS: dict[str, str] = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m",
                            "vmicro": "v_turb", "c_fe": "c_h", "n_fe": "n_h"}
