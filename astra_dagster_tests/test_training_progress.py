@@ -17,8 +17,8 @@ from astra_dagster.orchestration.build import materialize_assets
 #: Per method: tiny training options (seconds each) and a line its progress must contain.
 TINY: dict[str, tuple[dict[str, Any], str]] = {
     "thecannon": ({"n_train": 150, "seed": 5, "regions": "none", "order": 1}, "region 1/1"),
-    "thepayne": ({"n_train": 200, "hidden": 16, "epochs": 20, "n_components": 16, "n_calibration": 12},
-                 "epoch 20/20: train rms"),
+    "thepayne": ({"n_train": 300, "hidden": 16, "epochs": 60, "n_components": 16, "n_calibration": 20},
+                 "epoch 60/60: train rms"),
     "ferre": ({"teff_step": 500.0, "logg_step": 2.5, "metals_min": -1.0, "metals_step": 0.5, "alpha_min": 0.0,
                "alpha_max": 0.25, "n_validation": 0}, "grid: 96/96 nodes"),
     "apogeenet": ({"n_train": 60, "epochs": 2}, "epoch 2/2: train loss"),

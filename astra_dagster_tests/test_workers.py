@@ -29,12 +29,13 @@ RESULT_COLUMNS = {
 
 
 def snapshot(asset: str) -> list[tuple]:
-    """(source, task_id, status, result columns) of every task of the asset, in source order."""
+    """(source, task_id, status, result columns) of every task of the asset, in source order (then by
+    path, kind and row: one apStar file holds several rows of a task)."""
     with connect() as conn:
         return [tuple(r) for r in conn.execute(
             f"select s.source_id, t.task_id, t.status_code, {RESULT_COLUMNS[asset]} from astra.task t "
             f"join astra.source s on s.pk = t.source_pk join astra.{TABLES[asset]} r on r.output_pk = t.output_pk "
-            f"where t.asset_key = %s order by s.pk, 4, 5", (asset,)).fetchall()]
+            f"where t.asset_key = %s order by s.pk, 2, 4, 5, 6", (asset,)).fetchall()]
 
 
 @pytest.mark.slow
