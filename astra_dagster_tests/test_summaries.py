@@ -123,6 +123,7 @@ def test_thecannon_summary_asset_and_export(release: Path, clean_db: str, tmp_pa
         labels = [c for c in ("teff", "logg", "fe_h") if c in table.colnames]
         assert labels == ["teff", "logg", "fe_h"]
         assert meta[f"{RELEASE}/astraAllStarTheCannon-0.1.0.fits/rows"].value == len(table)
+        assert meta["dagster/row_count"].value == len(table)  # the UI's row count: the file's, not 1 task
         with connect() as conn:
             n_elements = conn.execute(
                 "select sum(cardinality(r.bitmask_flag)) from astra.thecannon r "

@@ -106,7 +106,8 @@ def _recorded_files(hashes: list[str], module: str) -> list[dict[str, Any]]:
 
 
 def file_metadata(files: list[dict[str, Any]]) -> dict[str, Any]:
-    """Materialisation metadata: per file its path, rows and sha256; a table of all files."""
+    """Materialisation metadata: per file its path, rows and sha256; a table of all files; the
+    main product's rows as ``dagster/row_count``."""
     meta: dict[str, Any] = {}
     for f in files:
         name = Path(f["path"]).name
@@ -114,6 +115,9 @@ def file_metadata(files: list[dict[str, Any]]) -> dict[str, Any]:
         meta[f"{f['release']}/{name}/rows"] = int(f["n_rows"])
         meta[f"{f['release']}/{name}/sha256"] = f["sha256"]
     if files:
+        # the UI's row count: rows of the main product (astraAllStar...) in one format
+        main = (files[0]["product"], files[0]["file_format"])
+        meta["dagster/row_count"] = sum(int(f["n_rows"]) for f in files if (f["product"], f["file_format"]) == main)
         meta["astra/summary_files"] = dg.MetadataValue.table(
             records=[dg.TableRecord({"release": f["release"], "file": Path(f["path"]).name, "rows": int(f["n_rows"]),
                                      "missing_sources": int(f["n_missing"]), "bytes": int(f["size"]),

@@ -72,8 +72,10 @@ class AstraIOManager(dg.ConfigurableIOManager):
             "astra/skipped": n_skipped,
             "astra/failed": n_failed,
             "astra/sources" if obj.parent_pk is not None else "astra/tasks": obj.n_items,
-            "dagster/row_count": n_computed,
         }
+        if obj.parent_pk is not None:
+            # rows this run wrote; a single task (a model, a summary) states its own row count
+            metadata["dagster/row_count"] = n_computed
         if obj.parent_task_id:
             metadata["astra/batch_task_id"] = obj.parent_task_id
         if obj.single_task:
