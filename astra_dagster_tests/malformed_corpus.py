@@ -218,7 +218,7 @@ CASES: list[Case] = [
     Case("random-bytes", "No SIMPLE card found",
          bytes_of(np.random.default_rng(1).bytes(3 * BLOCK))),
     Case("zero-bytes", "No SIMPLE card found", bytes_of(bytes(3 * BLOCK))),
-    Case("html-error-page", "truncated: 42 bytes",
+    Case("html-error-page", "No SIMPLE card found",
          bytes_of(b"<html><body>502 Bad Gateway</body></html>\n")),
     Case("truncated-half", "truncated", raw(lambda d: d[:len(d) // 2])),
     Case("truncated-in-header", "truncated: 1000 bytes is not a whole number", raw(lambda d: d[:1000])),

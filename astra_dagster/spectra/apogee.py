@@ -71,7 +71,7 @@ def open_fits(path: str | os.PathLike[str]) -> Iterator[fits.HDUList]:
             raise SpectrumFormatError(path, huge) from None
         if "truncated" in text:
             text = f"truncated: {text}"
-        elif size % _FITS_RECORD and not _compressed(path):
+        elif size % _FITS_RECORD and _starts_as_fits(path):
             # FITS files are whole 2880-byte records: a cut inside a header reads as a bad header
             text = f"truncated: {size} bytes is not a whole number of 2880-byte records; {text}"
         raise SpectrumFormatError(path, f"not a readable FITS file ({text})") from exc
@@ -103,9 +103,10 @@ def _huge_claim(path: Path) -> str | None:
     return None
 
 
-def _compressed(path: Path) -> bool:
+def _starts_as_fits(path: Path) -> bool:
+    # only a file that begins as FITS (not compressed, not some other content) was cut short
     with open(path, "rb") as handle:
-        return handle.read(2) in (b"\x1f\x8b", b"BZ", b"PK")  # astropy opens gzip, bzip2, zip
+        return handle.read(10) == b"SIMPLE  = "
 
 
 def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
