@@ -41,6 +41,10 @@ _APVISIT_HDUS = {1: "flux", 2: "flux error", 3: "pixel mask", 4: "wavelength"}
 _DRP_RV_KEYS = ("VHELIO", "VSCATTER", "VERR", "VERR_MED", "VRAD", "VREL", "RV_TEFF", "RV_LOGG",
                 "RV_FEH", "RV_ALPHA", "RV_CARB", "RV_CHI2", "CCFWHM", "AUTOFWHM")
 _MJD_ZERO = 2400000.5
+#: Most pixels one HDU may claim: far above any APOGEE file (an apStar of 300 visits has 2.6
+#: million), far below what would exhaust memory. Checked on the header, before any allocation.
+MAX_PIXELS = 2**27
+_FITS_RECORD = 2880
 
 
 @contextmanager
@@ -50,6 +54,9 @@ def open_fits(path: str | os.PathLike[str]) -> Iterator[fits.HDUList]:
     path = Path(path)
     if not path.is_file():
         raise SpectrumFormatError(path, "file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise SpectrumFormatError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # astropy only *warns* about truncated files
@@ -59,13 +66,60 @@ def open_fits(path: str | os.PathLike[str]) -> Iterator[fits.HDUList]:
         raise
     except Exception as exc:  # astropy raises OSError, ValueError, VerifyError, warnings...
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        huge = _huge_claim(path)
+        if huge is not None:  # astropy seeks past the claimed data and fails with EINVAL
+            raise SpectrumFormatError(path, huge) from None
         if "truncated" in text:
             text = f"truncated: {text}"
+        elif size % _FITS_RECORD and _starts_as_fits(path):
+            # FITS files are whole 2880-byte records: a cut inside a header reads as a bad header
+            text = f"truncated: {size} bytes is not a whole number of 2880-byte records; {text}"
         raise SpectrumFormatError(path, f"not a readable FITS file ({text})") from exc
 
 
+def _huge_claim(path: Path) -> str | None:
+    """Which HDU's header claims more than MAX_PIXELS pixels, read from the raw header cards
+    (astropy itself cannot get past such a header)."""
+    try:
+        with open(path, "rb") as handle:
+            for index in range(1000):
+                cards: dict[str, str] = {}
+                while "END" not in cards:
+                    block = handle.read(_FITS_RECORD)
+                    if len(block) < _FITS_RECORD:
+                        return None
+                    for at in range(0, _FITS_RECORD, 80):
+                        card = block[at:at + 80].decode("ascii", "replace")
+                        cards.setdefault(card[:8].strip(), card[10:].split("/")[0].strip())
+                naxis = [int(cards.get(f"NAXIS{i}", "0")) for i in range(1, int(cards.get("NAXIS", "0")) + 1)]
+                pixels = int(np.prod([float(n) for n in naxis])) if naxis else 0
+                if pixels > MAX_PIXELS:
+                    return f"HDU {index} claims {' x '.join(map(str, naxis))} pixels (at most {MAX_PIXELS})"
+                nbytes = (pixels * abs(int(cards.get("BITPIX", "8"))) // 8 + int(cards.get("PCOUNT", "0"))
+                          ) * int(cards.get("GCOUNT", "1"))
+                handle.seek(-(-nbytes // _FITS_RECORD) * _FITS_RECORD, os.SEEK_CUR)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _starts_as_fits(path: Path) -> bool:
+    # only a file that begins as FITS (not compressed, not some other content) was cut short
+    with open(path, "rb") as handle:
+        return handle.read(10) == b"SIMPLE  = "
+
+
 def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
-    if len(hdul) <= index or hdul[index].data is None:
+    if len(hdul) <= index:
+        raise SpectrumFormatError(path, f"HDU {index} ({name}) missing")
+    hdu = hdul[index]
+    if not isinstance(hdu, fits.ImageHDU | fits.PrimaryHDU | fits.CompImageHDU):
+        raise SpectrumFormatError(path, f"HDU {index} ({name}) is a table, not an image")
+    naxis = [hdu.header.get(f"NAXIS{i}", 0) for i in range(1, int(hdu.header.get("NAXIS", 0) or 0) + 1)]
+    if naxis and int(np.prod([float(n) for n in naxis])) > MAX_PIXELS:
+        raise SpectrumFormatError(
+            path, f"HDU {index} ({name}) claims {' x '.join(str(n) for n in naxis)} pixels (at most {MAX_PIXELS})")
+    if hdu.data is None:
         raise SpectrumFormatError(path, f"HDU {index} ({name}) missing")
     try:
         return np.asarray(hdul[index].data)
@@ -77,7 +131,21 @@ def _ivar(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -> np.nda
     with np.errstate(invalid="ignore"):
         if np.any(sigma < 0):
             raise SpectrumFormatError(path, f"negative flux error (σ < 0) in {where}")
+        # DR17 and our generator mark a pixel without data by NaN in both flux and σ; a
+        # non-finite value in only one of them is a broken file, not a gap
+        lone_flux = ~np.isfinite(flux) & np.isfinite(sigma)
+        if np.any(lone_flux):
+            raise SpectrumFormatError(
+                path, f"non-finite flux (NaN or inf) at {int(lone_flux.sum())} pixel(s) of {where} "
+                "whose flux error is finite")
+        lone_sigma = np.isnan(sigma) & np.isfinite(flux)
+        if np.any(lone_sigma):
+            raise SpectrumFormatError(
+                path, f"non-finite flux error (NaN) at {int(lone_sigma.sum())} pixel(s) of {where} "
+                "whose flux is finite")
         good = np.isfinite(flux) & np.isfinite(sigma) & (sigma > 0)
+    if not np.any(good):
+        raise SpectrumFormatError(path, f"no pixel with a positive finite flux error in {where}")
     ivar = np.zeros(flux.shape)
     ivar[good] = 1.0 / sigma[good] ** 2
     return ivar
@@ -89,6 +157,27 @@ def _header_float(header: fits.Header, key: str) -> float | None:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _header_count(header: fits.Header, key: str, path: Path, default: int | None) -> int | None:
+    """A header value that must be a whole number (NVISITS, MJD5), else one line naming it."""
+    value = header.get(key, default)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise SpectrumFormatError(path, f"header {key} {value!r} is not a whole number")
+    return int(value)
+
+
+def _pixel_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    # A float mask with NaN would cast to -2**63 (every bit set) without a word
+    if not np.issubdtype(mask.dtype, np.integer):
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(mask) | (mask != np.round(mask)) | (mask < 0)
+        if np.any(bad):
+            raise SpectrumFormatError(
+                path, f"pixel mask ({mask.dtype}) holds {int(bad.sum())} value(s) that are not bit flags")
+    return mask.astype(np.int64)
 
 
 def _source_id(header: fits.Header) -> str | None:
@@ -120,13 +209,18 @@ def read_apstar(path: str | os.PathLike[str]) -> list[Spectrum]:
         header = hdul[0].header
         flux, sigma, mask = (_image(hdul, i, name, path) for i, name in _APSTAR_HDUS.items())
         _check_apstar_grid(hdul, path)
+    if flux.ndim > 2:
+        raise SpectrumFormatError(path, f"flux has {flux.ndim} dimensions {flux.shape}, an apStar has 1 or 2")
     flux, sigma, mask = (np.atleast_2d(a) for a in (flux, sigma, mask))
     if flux.shape[-1] != APSTAR_NPIX:
         raise SpectrumFormatError(path, f"NAXIS1 is {flux.shape[-1]}, an apStar row has {APSTAR_NPIX} pixels")
     if not (flux.shape == sigma.shape == mask.shape):
         raise SpectrumFormatError(
             path, f"flux {flux.shape}, error {sigma.shape} and mask {mask.shape} differ in shape")
-    nvisits = int(header.get("NVISITS", 1) or 1)
+    nvisits = _header_count(header, "NVISITS", path, 1)
+    if nvisits < 1:
+        raise SpectrumFormatError(path, f"header NVISITS {nvisits} is not a positive number of visits")
+    mask = _pixel_mask(mask, path)
     nrow = flux.shape[0]
     if nvisits > 1 and nrow != nvisits + 2:
         raise SpectrumFormatError(path, f"{nrow} rows for NVISITS={nvisits} (expected {nvisits + 2})")
@@ -139,7 +233,7 @@ def read_apstar(path: str | os.PathLike[str]) -> list[Spectrum]:
     for row in rows:
         f = flux[row].astype(float)
         if not np.any(np.isfinite(f) & (f != 0)):
-            raise SpectrumFormatError(path, f"all-NaN (or empty) flux in row {row}")
+            raise SpectrumFormatError(path, f"all-NaN (or inf, or empty) flux in row {row}")
         meta: dict[str, Any] = dict(common, index=row)
         if nvisits == 1 or row < 2:
             meta.update(kind="stack", snr=_header_float(header, "SNR"))
@@ -203,6 +297,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     if flux.ndim != 2 or flux.shape[0] != 3 or flux.shape[1] not in (2048, 4096):
         raise SpectrumFormatError(
             path, f"NAXIS1/NAXIS2 are {flux.shape[::-1]}, an apVisit has 4096 (or 2048) x 3")
+    mask = _pixel_mask(mask, path)
     order = np.argsort(np.nanmin(wave, axis=1))  # blue, green, red
     w, f, s, m, slices, start = [], [], [], [], [], 0
     for chip in order:
@@ -221,7 +316,7 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     if not np.any(np.isfinite(flux_all) & (flux_all != 0)):
         raise SpectrumFormatError(path, "all-NaN (or empty) flux")
     jd = _header_float(header, "JD-MID")
-    mjd = header.get("MJD5")
+    mjd = _header_count(header, "MJD5", path, None)
     meta = {"frame": "observed", "kind": "visit", "format": "apVisit", "path": str(path), "index": 0,
             "snr": _header_float(header, "SNR"), "jd": jd,
             "mjd": int(mjd) if mjd is not None else (None if jd is None else int(jd - _MJD_ZERO)),

@@ -34,20 +34,32 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         path, "unknown spectrum format (not apStar, apVisit, mwmStar/Visit or spec-lite)")
 
 
-def read_spectra(path: str | os.PathLike[str]) -> list[Spectrum]:
-    """Every spectrum in the file, whatever its (supported) format."""
+def read_spectra(path: str | os.PathLike[str], expected_format: str | None = None) -> list[Spectrum]:
+    """Every spectrum in the file, whatever its (supported) format.
+
+    ``expected_format`` (the manifest's): a file of another format is refused; one whose format
+    cannot be told is read as that format, so its error says what it lacks (a missing HDU, a
+    wrong shape) rather than only "unknown format".
+    """
     from astropy.io.fits.verify import VerifyError
 
     try:
-        return _read_spectra(path)
+        return _read_spectra(path, expected_format)
     except VerifyError as exc:
         # astropy parses a card only when it is read: a control character in a header value
         # surfaces here, after the file opened fine.
         raise SpectrumFormatError(path, f"unparsable header ({str(exc).splitlines()[0]})") from None
 
 
-def _read_spectra(path: str | os.PathLike[str]) -> list[Spectrum]:
-    fmt = detect_format(path)
+def _read_spectra(path: str | os.PathLike[str], expected_format: str | None) -> list[Spectrum]:
+    try:
+        fmt = detect_format(path)
+    except SpectrumFormatError as exc:
+        if expected_format is None or not exc.problem.startswith("unknown spectrum format"):
+            raise
+        fmt = expected_format
+    if expected_format is not None and fmt != expected_format:
+        raise SpectrumFormatError(path, f"holds an {fmt} file but the manifest says {expected_format}")
     if fmt == "apStar":
         return read_apstar(path)
     if fmt == "apVisit":

@@ -156,6 +156,7 @@ def _read_manifest(release_dir: Path) -> Manifest:
         raise ManifestError(f"{path}: sources and files must be lists")
     sources = []
     seen: set[str] = set()
+    seen_files: dict[str, str] = {}  # path -> source: a file listed twice would give its spectra twice
     for i, src in enumerate(raw_sources):
         where = f"{path} sources[{i}]"
         if not isinstance(src, dict) or src.get("source_id") in (None, ""):
@@ -171,6 +172,10 @@ def _read_manifest(release_dir: Path) -> Manifest:
             raise ManifestError(f"{where}: files must be a list")
         files = tuple(_file(f, where) for f in entries)
         for f in files:
+            if f.path in seen_files:
+                raise ManifestError(f"{where}: file {ascii(f.path)[1:-1]} listed twice (also for source "
+                                    f"{seen_files[f.path]})")
+            seen_files[f.path] = source_id
             if f.format not in FILE_FORMATS:
                 raise ManifestError(f"{where}: {f.path} has unknown format {ascii(f.format)[:40]}")
         ra = checked_number(src.get("ra"), where=where, field="ra", lo=0.0, hi=360.0)

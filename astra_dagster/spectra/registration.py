@@ -3,6 +3,7 @@ every spectrum they hold (pure: no database; the spectra asset turns this into t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,17 @@ def spectrum_rows(
     rows: list[dict[str, Any]] = []
     for relative, fmt, sha256, size in files:
         path = Path(release_path) / relative
+        if path.exists() and not path.is_file():
+            raise RegistrationError(f"{path}: listed in the manifest but not a regular file")
         if not path.is_file():
             raise RegistrationError(f"{path}: listed in the manifest but missing")
+        # The manifest's paths are checked to stay inside the release; a symbolic link must too
+        if not path.resolve().is_relative_to(Path(release_path).resolve()):
+            raise RegistrationError(f"{path}: resolves outside the release folder ({path.resolve()})")
         if path.stat().st_size != size or (verify_sha256 and sha256_file(path) != sha256):
             raise RegistrationError(f"{path}: content differs from the manifest (changed after release)")
         try:
-            spectra = read_spectra(path)
+            spectra = read_spectra(path, fmt or None)
         except SpectrumFormatError as exc:
             raise RegistrationError(str(exc)) from exc
         for spectrum in spectra:
@@ -55,14 +61,14 @@ def spectrum_rows(
             owner = row.pop("owner")
             if owner and owner != source_id:
                 raise RegistrationError(f"{path}: holds source {owner}, not {source_id} (unknown source)")
+            numbers = {"snr": _float(meta.get("snr")), "mjd": _int(meta.get("mjd")),
+                       "jd": _float(meta.get("jd")), "fiber": _int(meta.get("fiber"))}
+            _check_numbers(path, int(meta.get("index", 0)), numbers)
             rows.append({
                 **row,
                 "file_format": fmt,
                 "row_index": int(meta.get("index", 0)),
-                "snr": _float(meta.get("snr")),
-                "mjd": _int(meta.get("mjd")),
-                "jd": _float(meta.get("jd")),
-                "fiber": _int(meta.get("fiber")),
+                **numbers,
                 "sha256": sha256,
             })
     return rows
@@ -90,6 +96,18 @@ def _header_strings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: What the spectrum table's columns hold (real, int, double precision), and plausible values:
+#: an absurd header value fails its source here instead of the batch's insert.
+_RANGES = {"snr": (-1e6, 1e6), "mjd": (0, 200_000), "jd": (0.0, 2_600_000.5), "fiber": (-2**31, 2**31 - 1)}
+
+
+def _check_numbers(path: Path, row: int, numbers: dict[str, float | int | None]) -> None:
+    for name, value in numbers.items():
+        lo, hi = _RANGES[name]
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            raise RegistrationError(f"{path}: row {row} header {name} {value!r} is outside [{lo}, {hi}]")
+
+
 def _float(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
@@ -100,5 +118,5 @@ def _float(value: Any) -> float | None:
 def _int(value: Any) -> int | None:
     try:
         return None if value is None else int(float(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
