@@ -1,4 +1,5 @@
-"""The astra command: init, db url, task show/rerun, one-line errors with exit codes."""
+"""The astra command: init, db url, task show/rerun, quiet logs unless --verbose, one-line errors
+with exit codes."""
 
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ def test_task_show_and_rerun(clean_db: str) -> None:
     rerun = astra("task", "rerun", task_id)
     assert rerun.returncode == 0, rerun.stderr
     assert "round-trips" in rerun.stdout and "nothing recomputed" in rerun.stdout
+    assert "status_code 1 -> 1" in rerun.stdout
+    # quiet by default: our two summary lines, none of Dagster's DEBUG event log
+    assert " - DEBUG - " not in rerun.stderr + rerun.stdout and rerun.stdout.count("\n") == 2
+    for verbose in (("task", "rerun", task_id, "--verbose"), ("--verbose", "task", "rerun", task_id)):
+        loud = astra(*verbose)
+        assert loud.returncode == 0, loud.stderr
+        assert " - DEBUG - " in loud.stderr and "RUN_SUCCESS" in loud.stderr
+        assert "nothing recomputed" in loud.stdout
     with connect() as conn:
         output_before = conn.execute("select output_pk from astra.task").fetchone()[0]
     forced = astra("task", "rerun", "1", "--force")
@@ -140,3 +149,4 @@ def test_release_generate_and_register(clean_db: str, tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
     bad = astra("release", "register", str(tmp_path / "half"), env=env)
     assert bad.returncode != 0 and "half" in (bad.stderr + bad.stdout)
+

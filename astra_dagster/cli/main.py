@@ -80,8 +80,31 @@ def _one_line(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+_VERBOSE = "astra.verbose"
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_VERBOSE] = True  # meta is shared by the group's and the command's contexts
+    return value
+
+
+#: ``--verbose`` of the group and of each command that runs Dagster: either turns the full log on.
+verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, expose_value=False, callback=_set_verbose,
+    help="Print Dagster's full event log (DEBUG) as the run goes, not only the summary.")
+
+
+def dagster_log_level() -> str | None:
+    """Level of Dagster's console log for our runs: WARNING (warnings and failures only, then our
+    summary lines) unless --verbose, which keeps Dagster's default (DEBUG, every event)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is not None and ctx.meta.get(_VERBOSE) else "WARNING"
+
+
 @click.group()
 @click.version_option(package_name="astra_dagster")
+@verbose_option
 def main() -> None:
     """Astra on Dagster: stellar-spectra analyses with task lineage in PostgreSQL."""
 
@@ -210,12 +233,13 @@ def task_show(ref: str, as_json: bool) -> None:
 @task.command("rerun")
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Recompute even though the task already succeeded.")
+@verbose_option
 @one_line_errors
 def task_rerun(ref: str, force: bool) -> None:
     """Re-create a task from its parameter rows and run it again through Dagster."""
     from astra_dagster.lineage.rerun import rerun_task
 
-    report = rerun_task(ref, force=force)
+    report = rerun_task(ref, force=force, log_level=dagster_log_level())
     click.echo(report.summary())
     if not report.success:
         raise AstraCliError(f"re-run of {report.task_id} failed (Dagster run {report.run_id})")
@@ -247,6 +271,7 @@ def release_generate(directory: Path, name: str, sources: int, seed: int) -> Non
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run/--no-run", default=False,
               help="Also run the release's assets over its new or changed sources, in this process.")
+@verbose_option
 @one_line_errors
 def release_register(directory: Path, run: bool) -> None:
     """Register one release folder (as the release sensor would) and add its partitions."""
@@ -276,7 +301,7 @@ def release_register(directory: Path, run: bool) -> None:
     if run:
         assets = release_assets(settings.release_assets)
         defs = load_definitions()
-        for outcome in run_release(defs, plan.runs, assets, instance=instance):
+        for outcome in run_release(defs, plan.runs, assets, instance=instance, log_level=dagster_log_level()):
             if isinstance(outcome, str):
                 click.echo(outcome)
                 continue
@@ -429,6 +454,7 @@ def backfill(assets: str, first: str | None, last: str | None, partitions: str |
 @click.option("--format", "formats", multiple=True, default=("fits",), show_default=True,
               help="fits, parquet or csv (repeat for several).")
 @click.option("--force", is_flag=True, help="Write again even though an identical summary task succeeded.")
+@verbose_option
 @one_line_errors
 def export(method: str, release_name: str, formats: tuple[str, ...], force: bool) -> None:
     """Write a method's summary files of one release (astraAllStar<Method>, for doppler also
@@ -454,7 +480,8 @@ def export(method: str, release_name: str, formats: tuple[str, ...], force: bool
     name = f"{spec.name}_summary"
     config = {"releases": [rel.name], "formats": list(formats), "force": force}
     result = materialize_assets(load_definitions(), [dg.AssetKey(name)], instance=get_instance(),
-                                run_config={"ops": {name: {"config": config}}}, log_level="ERROR")
+                                run_config={"ops": {name: {"config": config}}},
+                                log_level=None if dagster_log_level() is None else "ERROR")
     if not result.success:
         raise AstraCliError(f"export of {method} for {rel.name} failed (Dagster run {result.run_id})")
     with connect() as conn:
