@@ -49,6 +49,27 @@ class _WithoutDagsterEchoes:
         return getattr(self._stream, name)
 
 
+class _WithoutRunFailures:
+    """stderr without Dagster's failure records (STEP_FAILURE and RUN_FAILURE with their stack
+    traces, "Dependencies for step ... failed"): a quiet ``astra materialize`` names the failed step
+    and its error in its own last line instead; --verbose shows them. Each record is one write."""
+
+    _ERROR = " - dagster - ERROR - "
+    _FAILURES = (" - STEP_FAILURE - ", " - RUN_FAILURE - ", " - Dependencies for step ")
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        head = text.split("\n", 1)[0]
+        if self._ERROR in head and any(f in head for f in self._FAILURES):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """Turn expected failures into one line on stderr and a non-zero exit code."""
 
@@ -393,6 +414,59 @@ def rv(files: tuple[Path, ...], templates: str, vrange: float) -> None:
     if problems:
         raise AstraCliError(problems[0] if len(files) == 1 else
                             f"{len(problems)} of {len(files)} file(s) could not be read or measured")
+
+
+# ---------------------------------------------------------------------------- materialize
+
+
+@main.command()
+@click.argument("assets", nargs=-1, required=True)
+@click.option("--config", "config_text", default=None, metavar="JSON",
+              help='Config of the assets\' ops, e.g. \'{"n_train": 300}\' (every selected asset gets it), '
+              'or a whole run config \'{"ops": {"ASSET": {"config": {...}}}}\'.')
+@click.option("--partitions", default=None, metavar="KEY|FIRST...LAST",
+              help="A partition key or a range (one run over the range); not for unpartitioned assets.")
+@verbose_option
+@one_line_errors
+def materialize(assets: tuple[str, ...], config_text: str | None, partitions: str | None) -> None:
+    """Materialise assets in this process on the Astra instance (like `dagster asset materialize`,
+    but the selection, its Config and its partitions are checked first: a mistake is one line and
+    exit 2, and no run starts). Prints the run, then computed/skipped/failed per asset."""
+    import dagster as dg
+
+    from astra_dagster.orchestration import materialize as mt
+    from astra_dagster.orchestration.build import load_definitions
+    from astra_dagster.orchestration.instance import get_instance
+
+    initialise(echo=False)
+    defs = load_definitions()
+    instance = get_instance()
+    try:
+        selection = mt.prepare(defs, assets, config_text, partitions, instance)
+        quiet = dagster_log_level() is not None
+        saved, sys.stderr = sys.stderr, (_WithoutRunFailures(sys.stderr) if quiet else sys.stderr)
+        try:
+            outcome = mt.run(defs, selection, instance=instance, log_level=dagster_log_level())
+        finally:
+            sys.stderr = saved
+    except mt.MaterializeInputError as exc:
+        raise AstraCliError(str(exc), EXIT_UNKNOWN) from exc
+    except dg.DagsterInvalidConfigError as exc:  # a check of Dagster's own that ours missed: still before the run
+        raise AstraCliError(f"invalid run config: {_one_line(exc)}", EXIT_UNKNOWN) from exc
+    scope = ""
+    if selection.partitions:
+        first, last = selection.partitions
+        scope = f" over {first}" if first == last else f" over {first}...{last}"
+    click.echo(f"run {outcome.run_id}{scope}: {'success' if outcome.success else 'FAILED'}")
+    for c in outcome.counts:
+        click.echo(f"  {c.asset}: {c.computed} computed, {c.skipped} skipped, {c.failed} failed")
+    for name in outcome.materialized:
+        click.echo(f"  {name}: materialized")
+    if outcome.checks_passed or outcome.checks_failed:
+        click.echo(f"  checks: {outcome.checks_passed} passed, {outcome.checks_failed} failed")
+    if not outcome.success:
+        reason = outcome.errors[0] if outcome.errors else "see the run's log (--verbose)"
+        raise AstraCliError(f"run {outcome.run_id} failed: {reason}")
 
 
 # ---------------------------------------------------------------------------- backfills
