@@ -209,7 +209,7 @@ def _format_value(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
 def task_show(ref: str, as_json: bool) -> None:
-    """Show a task (by task_id or pk): parameters, status, duration, output."""
+    """Show a task (by task_id or pk): parameters, status_code, duration, output."""
     from astra_dagster.db.connection import connect
     from astra_dagster.lineage.recreate import find_task
 
@@ -225,7 +225,7 @@ def task_show(ref: str, as_json: bool) -> None:
         f"task_id     {record.task_id}   (pk {record.pk})",
         f"module      {record.task_module}",
         f"family      {record.family}",
-        f"status      {record.status_code} ({record.status_name})",
+        f"status_code {record.status_code} ({record.status_name})",
         f"duration    {duration}",
         f"created     {record.created:%Y-%m-%d %H:%M:%S}   modified {record.modified:%Y-%m-%d %H:%M:%S}",
     ]
