@@ -68,12 +68,13 @@ def select_assets(defs: dg.Definitions, names: Sequence[str]) -> list[dg.AssetsD
 
 
 def _config_class(assets_def: dg.AssetsDefinition) -> type[AstraConfig]:
+    # every Astra asset names its task family, and the family its Config class
     family = next(iter(assets_def.metadata_by_key.values()), {}).get(TASK_FAMILY_KEY)
-    return config_class(str(family), assets_def.op.compute_fn.decorated_fn.__module__)  # type: ignore[union-attr]
+    return config_class(str(family))
 
 
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation)  # type: ignore[return-value]
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 def check_op_config(asset: str, cls: type[AstraConfig], value: Any) -> dict[str, Any]:
