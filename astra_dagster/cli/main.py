@@ -573,13 +573,14 @@ def export(method: str, release_name: str, formats: tuple[str, ...], force: bool
 
 
 @main.command()
+@verbose_option
 @one_line_errors
 def demo() -> None:
     """Run the main job end to end on the embedded database and print what it did."""
     from astra_dagster.cli.demo import run_demo
 
     initialise()
-    run_demo(click.echo)
+    run_demo(click.echo, log_level=dagster_log_level())
 
 
 @main.command()
