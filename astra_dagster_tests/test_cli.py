@@ -1,4 +1,5 @@
-"""The astra command: init, db url, task show/rerun, one-line errors with exit codes."""
+"""The astra command: init, db url, task show/rerun, materialize, quiet logs unless --verbose,
+one-line errors with exit codes."""
 
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ def test_task_show_and_rerun(clean_db: str) -> None:
     rerun = astra("task", "rerun", task_id)
     assert rerun.returncode == 0, rerun.stderr
     assert "round-trips" in rerun.stdout and "nothing recomputed" in rerun.stdout
+    assert "status_code 1 -> 1" in rerun.stdout
+    # quiet by default: our two summary lines, none of Dagster's DEBUG event log
+    assert " - DEBUG - " not in rerun.stderr + rerun.stdout and rerun.stdout.count("\n") == 2
+    for verbose in (("task", "rerun", task_id, "--verbose"), ("--verbose", "task", "rerun", task_id)):
+        loud = astra(*verbose)
+        assert loud.returncode == 0, loud.stderr
+        assert " - DEBUG - " in loud.stderr and "RUN_SUCCESS" in loud.stderr
+        assert "nothing recomputed" in loud.stdout
     with connect() as conn:
         output_before = conn.execute("select output_pk from astra.task").fetchone()[0]
     forced = astra("task", "rerun", "1", "--force")
@@ -140,3 +149,105 @@ def test_release_generate_and_register(clean_db: str, tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
     bad = astra("release", "register", str(tmp_path / "half"), env=env)
     assert bad.returncode != 0 and "half" in (bad.stderr + bad.stdout)
+
+
+def _blocks(n_sources: int, per_block: int) -> list[str]:
+    """Registered sources and their partitions, without a release (enough for the checks)."""
+    from astra_dagster.lineage.sources import blocks_for, register_sources
+    from astra_dagster.orchestration.instance import get_instance
+
+    with connect() as conn:
+        pks = register_sources(conn, [f"CLI-{i}" for i in range(1, n_sources + 1)])
+    keys = blocks_for(pks.values(), per_block)
+    get_instance().add_dynamic_partitions("source_blocks", keys)
+    return keys
+
+
+def test_materialize_refuses_bad_input_in_one_line(clean_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mistake is found before a run starts: exit 2, one line on stderr, no traceback."""
+    monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "2")
+    keys = _blocks(4, 2)
+    rng = "random_number_generator"
+    cases = {
+        ("--config", '{"seed": 3,\n "draws": }'): ["not valid JSON", "line 2, column 11"],
+        ("--config", '{"sed": 3}'): ["unknown config field 'sed'", rng, "valid: ", "seed", "draws"],
+        ("--config", '{"seed": "3"}'): [rng, "'seed' must be int", '"3"'],
+        ("--config", '{"draws": 2}'): ["missing required config field 'seed'"],
+        ("--config", '{"ops": {"spectra": {"config": {}}}}'): ["'spectra'", "not selected"],
+        ("--config", '{"seed": 3}', "--partitions", keys[0]): ["--partitions given", f"{rng} is not partitioned"],
+    }
+    for args, expected in cases.items():
+        proc = astra("materialize", rng, *args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert all(e in proc.stderr for e in expected), (args, proc.stderr)
+        assert proc.stdout == ""
+    spectra_cases = {
+        ("nosuch_asset",): ["unknown asset 'nosuch_asset'", "known: ", "spectra", rng],
+        ("spectra",): ["spectra is partitioned", "--partitions"],
+        # (other tests' partitions stay in the Dagster instance, so the count is not pinned)
+        ("spectra", "--partitions", "00000099-00000100"): ["'00000099-00000100' is not in source_blocks",
+                                                          " partitions: "],
+        ("spectra", "--partitions", f"{keys[0]}...00000099-00000100"): ["'00000099-00000100' is not in"],
+        ("spectra", "--partitions", f"{keys[1]}...{keys[0]}"): ["reversed"],
+        ("spectra", "--config", '{"n_train": 300}', "--partitions", keys[0]):
+            ["spectra: unknown config field 'n_train'", "verify_sha256"],
+    }
+    for args, expected in spectra_cases.items():
+        proc = astra("materialize", *args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert all(e in proc.stderr for e in expected), (args, proc.stderr)
+    with connect() as conn:  # nothing ran
+        assert conn.execute("select count(*) from astra.task").fetchone()[0] == 0
+    # A run that fails (no model trained yet) is one line too, naming the step and the reason: exit 1.
+    failed = astra("materialize", "thecannon", "--partitions", keys[0])
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "failed: step thecannon:" in failed.stderr and "thecannon_model" in failed.stderr
+    assert "FAILED" in failed.stdout
+
+
+def test_materialize_runs_an_asset_and_a_release_range(clean_db: str, tmp_path: Path) -> None:
+    """A real run of the cheap example asset (op config, then the whole run config form) and of
+    spectra over a generated release's partition range: one run, one batch, quiet output."""
+    env = {"ASTRA_SOURCES_PER_PARTITION": "2", "ASTRA_RELEASE_ASSETS": "spectra"}
+    rng = astra("materialize", "random_number_generator", "--config", '{"seed": 3, "draws": 2}', env=env)
+    assert rng.returncode == 0, rng.stderr
+    lines = rng.stdout.splitlines()
+    assert lines[0].startswith("run ") and lines[0].endswith(": success")
+    assert lines[1] == "  random_number_generator: 1 computed, 0 skipped, 0 failed"
+    assert " - DEBUG - " not in rng.stderr and "Traceback" not in rng.stderr
+    whole = astra("materialize", "random_number_generator", "--config",
+                  '{"ops": {"random_number_generator": {"config": {"seed": 3, "draws": 2}}}}', env=env)
+    assert whole.returncode == 0, whole.stderr
+    assert "random_number_generator: 0 computed, 1 skipped, 0 failed" in whole.stdout  # memoised
+    with connect() as conn:
+        samples = conn.execute("select samples from astra.random_number_generator").fetchall()
+    assert len(samples) == 1 and [round(x, 6) for x in samples[0][0]] == [1.788628, 0.436510]
+
+    assert astra("release", "generate", str(tmp_path), "--release", "cli-m1", "--sources", "5",
+                 "--seed", "2").returncode == 0
+    registered = astra("release", "register", str(tmp_path / "cli-m1"), env=env)
+    assert registered.returncode == 0, registered.stderr
+    with connect() as conn:
+        pks = [r[0] for r in conn.execute("select pk from astra.source order by pk")]
+    from astra_dagster.lineage.sources import blocks_for
+
+    keys = blocks_for(pks, 2)
+    assert len(keys) == 3
+    ranged = astra("materialize", "spectra", "--partitions", f"{keys[0]}...{keys[-1]}", env=env)
+    assert ranged.returncode == 0, ranged.stderr
+    assert ranged.stdout.splitlines()[0].endswith(f" over {keys[0]}...{keys[-1]}: success")
+    assert "  spectra: 5 computed, 0 skipped, 0 failed" in ranged.stdout
+    assert " - DEBUG - " not in ranged.stderr
+    with connect() as conn:
+        # the range went through the single-run policy path: one run, one batch over the range
+        batches = conn.execute("select b.partition_first, b.partition_last, b.n_sources from astra.batch b "
+                               "join astra.task t on t.pk = b.task_pk "
+                               "where t.task_module = 'astra_dagster.defs.spectra'").fetchall()
+    assert batches == [(keys[0], keys[-1], 5)]
+    single = astra("materialize", "spectra", "--partitions", keys[1], "--config", '{"force": true}', env=env)
+    assert single.returncode == 0, single.stderr
+    assert f" over {keys[1]}: success" in single.stdout
+    assert "  spectra: 2 computed, 0 skipped, 0 failed" in single.stdout

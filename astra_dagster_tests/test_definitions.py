@@ -83,6 +83,17 @@ def test_jobs_and_sensors_resolve() -> None:
     # The implicit asset job carries every asset, so the sensor's run requests can select any of them.
     all_assets = defs.resolve_implicit_global_asset_job_def().asset_layer.executable_asset_keys
     assert {k.to_user_string() for k in all_assets} == set(EXPECTED_GRAPH)
+    # The sensor's page lists its target: the per-source assets and the models it trains.
+    target = {k.to_user_string() for k in sensor.asset_selection.resolve(defs.resolve_asset_graph())}
+    assert target == {"spectra", *MODEL_OF, *MODEL_OF.values()}
+
+
+def test_import_prints_no_beta_warning() -> None:
+    """backfill_policy's BetaWarning is silenced once, in our code, not repeated per asset."""
+    proc = subprocess.run([sys.executable, "-c", "import astra_dagster.definitions"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "BetaWarning" not in proc.stderr and "backfill_policy" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_pure_science_does_not_import_dagster() -> None:

@@ -35,12 +35,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def seed_example(echo: Echo) -> None:
+def seed_example(echo: Echo, log_level: str | None = "WARNING") -> None:
     from astra_dagster.defs.examples import RandomNumberGeneratorTask
 
     tasks = [RandomNumberGeneratorTask(**kw) for kw in SEED_EXAMPLE]
     echo("The seed's example: four RNG.RandomNumberGeneratorTask tasks through Dagster")
-    results = build(tasks, log_level="WARNING")
+    results = build(tasks, log_level=log_level)
     for kw, result in zip(SEED_EXAMPLE, results, strict=True):
         done = "computed" if result.metadata.get("astra/computed") else "skipped (identical task succeeded)"
         status = "ok" if result.success else "FAILED"
@@ -83,7 +83,7 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def release_example(echo: Echo) -> None:
+def release_example(echo: Echo, log_level: str | None = "WARNING") -> None:
     """Generate a small synthetic release, let the release-sensor code path pick it up, run it."""
     from astra_dagster.defs.sensors import release_assets
     from astra_dagster.orchestration.build import load_definitions
@@ -126,7 +126,8 @@ def release_example(echo: Echo) -> None:
     demo_models = {"ops": {name: {"config": config} for name, config in DEMO_MODELS.items()}}
     failed = False
     # spectra first, then each method as soon as its model is trained (as the sensor orders it)
-    for outcome in run_release(defs, runs, assets, instance=instance, run_config=demo_models):
+    for outcome in run_release(defs, runs, assets, instance=instance, run_config=demo_models,
+                          log_level=log_level):
         if isinstance(outcome, str):
             echo(f"  {outcome}")
             continue
@@ -189,7 +190,8 @@ def label_summary(echo: Echo, release_dir: Any, n: int = 6) -> None:
     echo(_table(rows, header))
 
 
-def run_demo(echo: Echo) -> None:
-    seed_example(echo)
-    release_example(echo)
+def run_demo(echo: Echo, log_level: str | None = "WARNING") -> None:
+    """Both examples; ``log_level`` None prints Dagster's full console log (astra demo --verbose)."""
+    seed_example(echo, log_level)
+    release_example(echo, log_level)
     echo("Done. Inspect a task with `astra task show <task_id>`; browse runs with `astra ui`.")

@@ -49,6 +49,27 @@ class _WithoutDagsterEchoes:
         return getattr(self._stream, name)
 
 
+class _WithoutRunFailures:
+    """stderr without Dagster's failure records (STEP_FAILURE and RUN_FAILURE with their stack
+    traces, "Dependencies for step ... failed"): a quiet ``astra materialize`` names the failed step
+    and its error in its own last line instead; --verbose shows them. Each record is one write."""
+
+    _ERROR = " - dagster - ERROR - "
+    _FAILURES = (" - STEP_FAILURE - ", " - RUN_FAILURE - ", " - Dependencies for step ")
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        head = text.split("\n", 1)[0]
+        if self._ERROR in head and any(f in head for f in self._FAILURES):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """Turn expected failures into one line on stderr and a non-zero exit code."""
 
@@ -80,8 +101,31 @@ def _one_line(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+_VERBOSE = "astra.verbose"
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_VERBOSE] = True  # meta is shared by the group's and the command's contexts
+    return value
+
+
+#: ``--verbose`` of the group and of each command that runs Dagster: either turns the full log on.
+verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, expose_value=False, callback=_set_verbose,
+    help="Print Dagster's full event log (DEBUG) as the run goes, not only the summary.")
+
+
+def dagster_log_level() -> str | None:
+    """Level of Dagster's console log for our runs: WARNING (warnings and failures only, then our
+    summary lines) unless --verbose, which keeps Dagster's default (DEBUG, every event)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is not None and ctx.meta.get(_VERBOSE) else "WARNING"
+
+
 @click.group()
 @click.version_option(package_name="astra_dagster")
+@verbose_option
 def main() -> None:
     """Astra on Dagster: stellar-spectra analyses with task lineage in PostgreSQL."""
 
@@ -165,7 +209,7 @@ def _format_value(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
 def task_show(ref: str, as_json: bool) -> None:
-    """Show a task (by task_id or pk): parameters, status, duration, output."""
+    """Show a task (by task_id or pk): parameters, status_code, duration, output."""
     from astra_dagster.db.connection import connect
     from astra_dagster.lineage.recreate import find_task
 
@@ -181,7 +225,7 @@ def task_show(ref: str, as_json: bool) -> None:
         f"task_id     {record.task_id}   (pk {record.pk})",
         f"module      {record.task_module}",
         f"family      {record.family}",
-        f"status      {record.status_code} ({record.status_name})",
+        f"status_code {record.status_code} ({record.status_name})",
         f"duration    {duration}",
         f"created     {record.created:%Y-%m-%d %H:%M:%S}   modified {record.modified:%Y-%m-%d %H:%M:%S}",
     ]
@@ -210,12 +254,13 @@ def task_show(ref: str, as_json: bool) -> None:
 @task.command("rerun")
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Recompute even though the task already succeeded.")
+@verbose_option
 @one_line_errors
 def task_rerun(ref: str, force: bool) -> None:
     """Re-create a task from its parameter rows and run it again through Dagster."""
     from astra_dagster.lineage.rerun import rerun_task
 
-    report = rerun_task(ref, force=force)
+    report = rerun_task(ref, force=force, log_level=dagster_log_level())
     click.echo(report.summary())
     if not report.success:
         raise AstraCliError(f"re-run of {report.task_id} failed (Dagster run {report.run_id})")
@@ -247,6 +292,7 @@ def release_generate(directory: Path, name: str, sources: int, seed: int) -> Non
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run/--no-run", default=False,
               help="Also run the release's assets over its new or changed sources, in this process.")
+@verbose_option
 @one_line_errors
 def release_register(directory: Path, run: bool) -> None:
     """Register one release folder (as the release sensor would) and add its partitions."""
@@ -276,7 +322,7 @@ def release_register(directory: Path, run: bool) -> None:
     if run:
         assets = release_assets(settings.release_assets)
         defs = load_definitions()
-        for outcome in run_release(defs, plan.runs, assets, instance=instance):
+        for outcome in run_release(defs, plan.runs, assets, instance=instance, log_level=dagster_log_level()):
             if isinstance(outcome, str):
                 click.echo(outcome)
                 continue
@@ -370,6 +416,59 @@ def rv(files: tuple[Path, ...], templates: str, vrange: float) -> None:
                             f"{len(problems)} of {len(files)} file(s) could not be read or measured")
 
 
+# ---------------------------------------------------------------------------- materialize
+
+
+@main.command()
+@click.argument("assets", nargs=-1, required=True)
+@click.option("--config", "config_text", default=None, metavar="JSON",
+              help='Config of the assets\' ops, e.g. \'{"n_train": 300}\' (every selected asset gets it), '
+              'or a whole run config \'{"ops": {"ASSET": {"config": {...}}}}\'.')
+@click.option("--partitions", default=None, metavar="KEY|FIRST...LAST",
+              help="A partition key or a range (one run over the range); not for unpartitioned assets.")
+@verbose_option
+@one_line_errors
+def materialize(assets: tuple[str, ...], config_text: str | None, partitions: str | None) -> None:
+    """Materialise assets in this process on the Astra instance (like `dagster asset materialize`,
+    but the selection, its Config and its partitions are checked first: a mistake is one line and
+    exit 2, and no run starts). Prints the run, then computed/skipped/failed per asset."""
+    import dagster as dg
+
+    from astra_dagster.orchestration import materialize as mt
+    from astra_dagster.orchestration.build import load_definitions
+    from astra_dagster.orchestration.instance import get_instance
+
+    initialise(echo=False)
+    defs = load_definitions()
+    instance = get_instance()
+    try:
+        selection = mt.prepare(defs, assets, config_text, partitions, instance)
+        quiet = dagster_log_level() is not None
+        saved, sys.stderr = sys.stderr, (_WithoutRunFailures(sys.stderr) if quiet else sys.stderr)
+        try:
+            outcome = mt.run(defs, selection, instance=instance, log_level=dagster_log_level())
+        finally:
+            sys.stderr = saved
+    except mt.MaterializeInputError as exc:
+        raise AstraCliError(str(exc), EXIT_UNKNOWN) from exc
+    except dg.DagsterInvalidConfigError as exc:  # a check of Dagster's own that ours missed: still before the run
+        raise AstraCliError(f"invalid run config: {_one_line(exc)}", EXIT_UNKNOWN) from exc
+    scope = ""
+    if selection.partitions:
+        first, last = selection.partitions
+        scope = f" over {first}" if first == last else f" over {first}...{last}"
+    click.echo(f"run {outcome.run_id}{scope}: {'success' if outcome.success else 'FAILED'}")
+    for c in outcome.counts:
+        click.echo(f"  {c.asset}: {c.computed} computed, {c.skipped} skipped, {c.failed} failed")
+    for name in outcome.materialized:
+        click.echo(f"  {name}: materialized")
+    if outcome.checks_passed or outcome.checks_failed:
+        click.echo(f"  checks: {outcome.checks_passed} passed, {outcome.checks_failed} failed")
+    if not outcome.success:
+        reason = outcome.errors[0] if outcome.errors else "see the run's log (--verbose)"
+        raise AstraCliError(f"run {outcome.run_id} failed: {reason}")
+
+
 # ---------------------------------------------------------------------------- backfills
 
 
@@ -429,6 +528,7 @@ def backfill(assets: str, first: str | None, last: str | None, partitions: str |
 @click.option("--format", "formats", multiple=True, default=("fits",), show_default=True,
               help="fits, parquet or csv (repeat for several).")
 @click.option("--force", is_flag=True, help="Write again even though an identical summary task succeeded.")
+@verbose_option
 @one_line_errors
 def export(method: str, release_name: str, formats: tuple[str, ...], force: bool) -> None:
     """Write a method's summary files of one release (astraAllStar<Method>, for doppler also
@@ -454,7 +554,8 @@ def export(method: str, release_name: str, formats: tuple[str, ...], force: bool
     name = f"{spec.name}_summary"
     config = {"releases": [rel.name], "formats": list(formats), "force": force}
     result = materialize_assets(load_definitions(), [dg.AssetKey(name)], instance=get_instance(),
-                                run_config={"ops": {name: {"config": config}}}, log_level="ERROR")
+                                run_config={"ops": {name: {"config": config}}},
+                                log_level=None if dagster_log_level() is None else "ERROR")
     if not result.success:
         raise AstraCliError(f"export of {method} for {rel.name} failed (Dagster run {result.run_id})")
     with connect() as conn:
@@ -472,13 +573,14 @@ def export(method: str, release_name: str, formats: tuple[str, ...], force: bool
 
 
 @main.command()
+@verbose_option
 @one_line_errors
 def demo() -> None:
     """Run the main job end to end on the embedded database and print what it did."""
     from astra_dagster.cli.demo import run_demo
 
     initialise()
-    run_demo(click.echo)
+    run_demo(click.echo, log_level=dagster_log_level())
 
 
 @main.command()

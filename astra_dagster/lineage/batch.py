@@ -162,7 +162,7 @@ def run_tasks(
     abandoned = [r for r in unfinished if r.run_id not in live]
     if abandoned:
         runs = sorted({(r.run_id or "unknown")[:8] for r in abandoned})
-        log.info(f"{family}: retrying {len(abandoned)} task(s) abandoned at status 0 by dead run(s) "
+        log.info(f"{family}: retrying {len(abandoned)} task(s) abandoned at status_code 0 by dead run(s) "
                  f"{', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}")
     if len(unfinished) > len(abandoned):
         log.info(f"{family}: {len(unfinished) - len(abandoned)} task(s) are being computed by another live run "

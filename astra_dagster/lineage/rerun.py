@@ -33,12 +33,14 @@ class RerunReport:
         return (
             f"{self.task_id} (pk {self.task_pk}) re-created from its parameters; task_id round-trips.\n"
             f"Dagster run {self.run_id} over {self.scope}: "
-            f"{'success' if self.success else 'FAILED'}; status {self.status_before} -> "
+            f"{'success' if self.success else 'FAILED'}; status_code {self.status_before} -> "
             f"{self.status_after}, output_pk {self.output_before} -> {self.output_after} ({what})."
         )
 
 
-def rerun_task(ref: str, *, force: bool = False, instance: dg.DagsterInstance | None = None) -> RerunReport:
+def rerun_task(ref: str, *, force: bool = False, instance: dg.DagsterInstance | None = None,
+               log_level: str | None = None) -> RerunReport:
+    """Re-create the task ``ref`` and run it (``log_level``, e.g. "WARNING", quiets Dagster's console)."""
     from astra_dagster.orchestration.build import asset_for_family, load_definitions, materialize_task
     from astra_dagster.orchestration.instance import get_instance
 
@@ -64,7 +66,8 @@ def rerun_task(ref: str, *, force: bool = False, instance: dg.DagsterInstance | 
         scope = f"source {extra['source_id']} in partition {partition_key}"
         _ensure_partitions(instance, target, [partition_key])
     config = type(config)(**{**config.model_dump(), **updates})
-    result = materialize_task(config, instance=instance, partition_key=partition_key, tags=tags, defs=defs)
+    result = materialize_task(config, instance=instance, partition_key=partition_key, tags=tags, defs=defs,
+                              log_level=log_level)
     with connect() as conn:
         after = find_task(conn, str(record.pk))
     return RerunReport(

@@ -66,11 +66,12 @@ def run_planned(
     asset_keys: Sequence[dg.AssetKey],
     *,
     instance: dg.DagsterInstance,
+    log_level: str | None = "WARNING",
 ) -> list[RunOutcome]:
     outcomes = []
     for run in runs:
         result = materialize_range(defs, asset_keys, run.first, run.last, instance=instance,
-                                   tags={"astra/release": run.release})
+                                   tags={"astra/release": run.release}, log_level=log_level)
         outcomes.append(RunOutcome(run, result.run_id, result.success, counts_of(result)))
     return outcomes
 
@@ -81,6 +82,7 @@ def ensure_models(
     *,
     instance: dg.DagsterInstance,
     run_config: dict | None = None,
+    log_level: str | None = "WARNING",
 ) -> list[str]:
     """Materialise, in this process, the models the given per-source assets read but that have
     never been materialised (what the release sensor does before its range runs). ``run_config``
@@ -91,7 +93,7 @@ def ensure_models(
     if missing:
         ops = {k: v for k, v in ((run_config or {}).get("ops") or {}).items()
                if dg.AssetKey(k) in missing}
-        result = materialize_assets(defs, missing, instance=instance, log_level="WARNING",
+        result = materialize_assets(defs, missing, instance=instance, log_level=log_level,
                                     run_config={"ops": ops} if ops else None)
         if not result.success:
             raise RuntimeError(f"training {', '.join(k.to_user_string() for k in missing)} failed "
@@ -106,6 +108,7 @@ def run_release(
     *,
     instance: dg.DagsterInstance,
     run_config: dict | None = None,
+    log_level: str | None = "WARNING",
 ) -> Iterator[str | RunOutcome]:
     """The planned runs in this process, in the release sensor's order: first the assets whose
     models exist (``spectra`` needs none), then per missing model (doppler's templates first)
@@ -116,14 +119,14 @@ def run_release(
 
     now, waiting = split_by_models(list(asset_keys), RELEASE_ASSETS, missing_models(instance, list(asset_keys)))
     if now:
-        yield from _each_run(defs, runs, now, instance)
+        yield from _each_run(defs, runs, now, instance, log_level)
     for models, keys in waiting.items():
         yield f"training {', '.join(m.to_user_string() for m in models)} (progress in the run's log)"
-        ensure_models(defs, keys, instance=instance, run_config=run_config)
-        yield from _each_run(defs, runs, keys, instance)
+        ensure_models(defs, keys, instance=instance, run_config=run_config, log_level=log_level)
+        yield from _each_run(defs, runs, keys, instance, log_level)
 
 
 def _each_run(defs: dg.Definitions, runs: Sequence[PlannedRun], keys: Sequence[dg.AssetKey],
-              instance: dg.DagsterInstance) -> Iterator[RunOutcome]:
+              instance: dg.DagsterInstance, log_level: str | None = "WARNING") -> Iterator[RunOutcome]:
     for run in runs:
-        yield from run_planned(defs, [run], keys, instance=instance)
+        yield from run_planned(defs, [run], keys, instance=instance, log_level=log_level)
