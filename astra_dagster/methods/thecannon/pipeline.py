@@ -100,7 +100,8 @@ def fit_spectra(model: CannonModel, spectra: Sequence[Any]) -> list[dict[str, An
     rows = []
     for i, s in enumerate(spectra):
         flags = int(result.flags[i])
-        if fitted[i] and hydrogen.has_hot_star_lines(wavelength, flux[i], best[i], ivar[i]):
+        if fitted[i] and hydrogen.has_hot_star_lines(wavelength, flux[i], best[i], ivar[i],
+                                                     outside_hull=bool(flags & FLAGS["OUTSIDE_HULL"])):
             flags |= FLAGS["HYDROGEN_LINES"]
         if fitted[i] and mismatch.is_poor_match(result.r_chi_sq[i], float(s.meta.get("snr") or np.nan)):
             flags |= FLAGS["POOR_MODEL_MATCH"]
