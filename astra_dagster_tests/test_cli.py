@@ -169,6 +169,11 @@ def _launch_slow_run(port: int, env: dict[str, str]) -> str:
         asset_selection=["random_number_generator"])
 
 
+def _task_row(task_id: str) -> bool:
+    with connect() as conn:
+        return conn.execute("select 1 from astra.task where task_id = %s", (task_id,)).fetchone() is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ui_stops_its_whole_tree(clean_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -195,8 +200,13 @@ def test_ui_stops_its_whole_tree(clean_db: str, tmp_path: Path, monkeypatch: pyt
                                                                  dg.DagsterRunStatus.NOT_STARTED,
                                                                  dg.DagsterRunStatus.STARTING), log.read_text()[-3000:]
                 time.sleep(1)
-            time.sleep(3)  # the step process starts after the run
             instance.dispose()
+            # The task row exists once the step process computes (its 300 s sleep): the tree
+            # then holds the run worker and the step process too.
+            task_id = RandomNumberGeneratorTask(seed=93_001, delay_time=300).identity().task_id
+            while not _task_row(task_id):
+                assert time.monotonic() < deadline, f"the step did not start\n{log.read_text()[-3000:]}"
+                time.sleep(1)
         tree = psutil.Process(ui.pid).children(recursive=True)
         names = sorted(" ".join(p.cmdline()[1:3]) for p in tree)
         assert len(tree) >= 3, names  # dagster dev, the webserver, the daemon (and a code server)
@@ -215,3 +225,41 @@ def test_ui_stops_its_whole_tree(clean_db: str, tmp_path: Path, monkeypatch: pyt
     finally:
         if ui.poll() is None:
             ui.kill()
+
+
+_TREE = """
+import signal, subprocess, sys, time
+# a grandchild in a session of its own that ignores SIGTERM: only the descendant walk finds it
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('grandchild', flush=True); time.sleep(300)"], start_new_session=True)
+time.sleep(300)
+"""
+
+
+def test_run_tree_kills_descendants_that_left_the_group() -> None:
+    """run_tree (astra ui's supervisor) forwards SIGTERM and, after its grace period, kills a
+    descendant that moved to a session of its own and ignores SIGTERM."""
+    import threading
+
+    from astra_dagster.cli.supervise import run_tree
+
+    def grandchild() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True) if "grandchild" in " ".join(p.cmdline())]
+
+    found: list[psutil.Process] = []
+
+    def stop() -> None:  # once the grandchild runs (and run_tree has seen it), SIGTERM this process
+        deadline = time.monotonic() + 60
+        while not found and time.monotonic() < deadline:
+            found.extend(grandchild())
+            time.sleep(0.5)
+        time.sleep(2)  # run_tree looks at the tree once a second
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop, daemon=True).start()
+    stopped = run_tree([sys.executable, "-c", _TREE], grace=2.0)
+    assert found, "the grandchild never started"
+    assert stopped.signal == signal.SIGTERM and stopped.killed == 1, stopped
+    _gone, alive = psutil.wait_procs(found, timeout=30)
+    assert not alive
+    assert stopped.message("the tree").endswith(", 1 killed after the 2 s grace period")

@@ -39,12 +39,13 @@ class Stopped:
     processes: int
     killed: int
     seconds: float
+    grace: float = GRACE_SECONDS
 
     def message(self, what: str) -> str:
         if self.signal is None:
             return f"{what} exited with code {self.returncode}" + (
                 f"; killed {self.killed} process(es) it left behind" if self.killed else "")
-        how = (f", {self.killed} killed after the {GRACE_SECONDS:g} s grace period" if self.killed
+        how = (f", {self.killed} killed after the {self.grace:g} s grace period" if self.killed
                else "")
         return (f"stopped {what} on {self.signal.name}: {self.processes} process(es) gone in "
                 f"{self.seconds:.1f} s{how}")
@@ -69,13 +70,14 @@ def _session_members(sid: int) -> list[psutil.Process]:
 
 
 def _alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
-    alive = []
+    """The running ones, once each (the same process may be a descendant and a session member)."""
+    alive: dict[int, psutil.Process] = {}
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             # is_running() also checks the creation time, so a reused pid is not "alive"
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-    return alive
+            if proc.pid not in alive and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive[proc.pid] = proc
+    return list(alive.values())
 
 
 def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
@@ -89,10 +91,12 @@ def run_tree(cmd: Sequence[str], env: Mapping[str, str] | None = None, *, grace:
     (forwarded to its group); then give the tree ``grace`` seconds and SIGKILL what is left.
     A second signal skips the rest of the grace period."""
     received: list[signal.Signals] = []
+    received_at: list[float] = []
     child: list[subprocess.Popen] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signal.Signals(signum))
+        received_at.append(time.monotonic())
         if child:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child[0].pid, signum)
@@ -104,8 +108,8 @@ def run_tree(cmd: Sequence[str], env: Mapping[str, str] | None = None, *, grace:
         root = psutil.Process(proc.pid)
         seen: dict[int, psutil.Process] = {}
         while not received:
-            for p in _descendants(root):
-                seen.setdefault(p.pid, p)
+            # Keep the ones still running (so the count below is the tree as it was) plus the new.
+            seen = {p.pid: p for p in _alive([*seen.values(), *_descendants(root)])}
             try:
                 returncode = proc.wait(timeout=POLL_SECONDS)
                 break
@@ -113,9 +117,11 @@ def run_tree(cmd: Sequence[str], env: Mapping[str, str] | None = None, *, grace:
                 continue
         else:
             returncode = None
-        started = time.monotonic()
+        # The grace period and the reported time count from the signal (the loop notices it late).
+        started = received_at[0] if received_at else time.monotonic()
+        # The count: the tree as last seen (some of it may have ended on the forwarded signal).
+        count = len({*seen, *(p.pid for p in _descendants(root))}) + (1 if returncode is None else 0)
         tree = _alive([*seen.values(), *_descendants(root), *_session_members(proc.pid)])
-        count = len({p.pid for p in tree}) + (1 if returncode is None else 0)
         if returncode is not None and not received:
             # dagster dev ended by itself: nothing should outlive it either, but no grace to wait
             leftover = _alive(tree)
@@ -134,11 +140,11 @@ def run_tree(cmd: Sequence[str], env: Mapping[str, str] | None = None, *, grace:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             _signal_all([*leftover, *_session_members(proc.pid)], signal.SIGKILL)
-        killed = len({p.pid for p in leftover}) + root_left
+        killed = len(leftover) + root_left
         code = proc.wait()
         psutil.wait_procs(leftover, timeout=5)
         return Stopped(code if code >= 0 else 128 - code, received[0], count, killed,
-                       time.monotonic() - started)
+                       time.monotonic() - started, grace)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
