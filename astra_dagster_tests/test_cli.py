@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,6 +186,7 @@ def test_ui_stops_its_whole_tree(clean_db: str, tmp_path: Path, monkeypatch: pyt
     env = _ui_env(tmp_path, monkeypatch)
     port = free_port()
     log = tmp_path / "ui.log"
+    tree: list[psutil.Process] = []
     with open(log, "w") as out:
         ui = subprocess.Popen([str(Path(sys.executable).parent / "astra"), "ui", "--port", str(port)],
                               env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -223,8 +225,16 @@ def test_ui_stops_its_whole_tree(clean_db: str, tmp_path: Path, monkeypatch: pyt
         assert last.startswith(f"astra: stopped dagster dev on {sig.name}: "), log.read_text()[-3000:]
         print(f"{sig.name}: {len(tree)} processes ({', '.join(names)}) gone in {stopped_after:.1f} s; {last}")
     finally:
+        # A failed test must not leave the tree behind: SIGKILL of `astra ui` alone would.
         if ui.poll() is None:
-            ui.kill()
+            ui.terminate()
+            try:
+                ui.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                ui.kill()
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()  # psutil refuses a pid that now names another process
 
 
 _TREE = """
