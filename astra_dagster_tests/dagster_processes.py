@@ -23,6 +23,20 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def wait_for_webserver(port: int, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Until http://127.0.0.1:PORT/server_info answers; fails with the log's tail if ``proc``
+    (the process that starts the webserver) exits first or the (generous) timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("webserver did not start:\n" + log.read_text()[-3000:]) from None
+            time.sleep(1)
+
+
 @contextmanager
 def dagster_services(module: str, env: dict[str, str], log_dir: Path, *, webserver: bool = True,
                      daemon: bool = True) -> Iterator[str | None]:
@@ -39,16 +53,7 @@ def dagster_services(module: str, env: dict[str, str], log_dir: Path, *, webserv
                 [_bin("dagster-webserver"), "-m", module, "-h", "127.0.0.1", "-p", str(port)],
                 env=full_env, stdout=logs.enter_context(open(log_dir / "webserver.log", "w")),  # noqa: SIM115 - ExitStack closes it
                 stderr=subprocess.STDOUT))
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or procs[-1].poll() is not None:
-                        raise RuntimeError("webserver did not start:\n"
-                                           + (log_dir / "webserver.log").read_text()[-3000:]) from None
-                    time.sleep(1)
+            wait_for_webserver(port, procs[-1], log_dir / "webserver.log", timeout=120)
         if daemon:
             procs.append(subprocess.Popen(
                 [_bin("dagster-daemon"), "run", "-m", module],

@@ -3,17 +3,22 @@ one-line errors with exit codes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from astra_dagster.db.connection import connect
 from astra_dagster.defs.examples import RandomNumberGeneratorTask
 from astra_dagster.orchestration.build import build
+from astra_dagster_tests.dagster_processes import free_port, wait_for_webserver
 from astra_dagster_tests.test_schema import psql_binary
 
 
@@ -251,3 +256,131 @@ def test_materialize_runs_an_asset_and_a_release_range(clean_db: str, tmp_path: 
     assert single.returncode == 0, single.stderr
     assert f" over {keys[1]}: success" in single.stdout
     assert "  spectra: 2 computed, 0 skipped, 0 failed" in single.stdout
+
+
+def _ui_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A DAGSTER_HOME and Dagster database of the test's own, as test_release_daemon.py uses: the
+    UI's daemon must not pick up runs of other tests (here too: the test reads the instance)."""
+    from astra_dagster.db.connection import _ensure_database, _with_database, database_url
+
+    server = database_url()
+    _ensure_database(server, "astra_dagster_ui")
+    monkeypatch.setenv("ASTRA_DAGSTER_DATABASE_URL", _with_database(server, "astra_dagster_ui"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    return dict(os.environ)
+
+
+def _launch_slow_run(port: int, env: dict[str, str]) -> str:
+    """A run of random_number_generator that sleeps 300 s, through the UI's webserver and queue."""
+    from dagster_graphql import DagsterGraphQLClient
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    return client.submit_job_execution(
+        "__ASSET_JOB", repository_location_name="astra", repository_name="__repository__",
+        run_config={"ops": {"random_number_generator": {"config": {"seed": 93_001, "delay_time": 300}}}},
+        asset_selection=["random_number_generator"])
+
+
+def _task_row(task_id: str) -> bool:
+    with connect() as conn:
+        return conn.execute("select 1 from astra.task where task_id = %s", (task_id,)).fetchone() is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_ui_stops_its_whole_tree(clean_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 sig: signal.Signals) -> None:
+    """SIGTERM or Ctrl-C to `astra ui` ends dagster dev, the webserver, the daemon, the code
+    server and the run worker of a run in progress (issue #13 point 9), not just `astra ui`."""
+    import dagster as dg
+
+    env = _ui_env(tmp_path, monkeypatch)
+    port = free_port()
+    log = tmp_path / "ui.log"
+    tree: list[psutil.Process] = []
+    with open(log, "w") as out:
+        ui = subprocess.Popen([str(Path(sys.executable).parent / "astra"), "ui", "--port", str(port)],
+                              env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_webserver(port, ui, log, timeout=240)
+        if sig == signal.SIGTERM:  # with a run in progress: its worker and step process must go too
+            run_id = _launch_slow_run(port, env)
+            instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
+            deadline = time.monotonic() + 240
+            while instance.get_run_by_id(run_id).status != dg.DagsterRunStatus.STARTED:
+                assert time.monotonic() < deadline, f"the run did not start\n{log.read_text()[-3000:]}"
+                assert instance.get_run_by_id(run_id).status in (dg.DagsterRunStatus.QUEUED,
+                                                                 dg.DagsterRunStatus.NOT_STARTED,
+                                                                 dg.DagsterRunStatus.STARTING), log.read_text()[-3000:]
+                time.sleep(1)
+            instance.dispose()
+            # The task row exists once the step process computes (its 300 s sleep): the tree
+            # then holds the run worker and the step process too.
+            task_id = RandomNumberGeneratorTask(seed=93_001, delay_time=300).identity().task_id
+            while not _task_row(task_id):
+                assert time.monotonic() < deadline, f"the step did not start\n{log.read_text()[-3000:]}"
+                time.sleep(1)
+        tree = psutil.Process(ui.pid).children(recursive=True)
+        names = sorted(" ".join(p.cmdline()[1:3]) for p in tree)
+        assert len(tree) >= 3, names  # dagster dev, the webserver, the daemon (and a code server)
+        ui.send_signal(sig)
+        sent = time.monotonic()
+        # 30 s: the 10 s grace period plus a generous margin on a loaded machine. (Popen, not
+        # psutil, reaps `astra ui`: psutil's wait would take its exit code.)
+        code = ui.wait(timeout=30)
+        _gone, alive = psutil.wait_procs(tree, timeout=max(0.1, 30 - (time.monotonic() - sent)))
+        stopped_after = time.monotonic() - sent
+        assert not alive, f"still running {stopped_after:.0f} s after {sig.name}: {alive}"
+        assert code == 128 + sig
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith(f"astra: stopped dagster dev on {sig.name}: "), log.read_text()[-3000:]
+        print(f"{sig.name}: {len(tree)} processes ({', '.join(names)}) gone in {stopped_after:.1f} s; {last}")
+    finally:
+        # A failed test must not leave the tree behind: SIGKILL of `astra ui` alone would.
+        if ui.poll() is None:
+            ui.terminate()
+            try:
+                ui.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                ui.kill()
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()  # psutil refuses a pid that now names another process
+
+
+_TREE = """
+import signal, subprocess, sys, time
+# a grandchild in a session of its own that ignores SIGTERM: only the descendant walk finds it
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('grandchild', flush=True); time.sleep(300)"], start_new_session=True)
+time.sleep(300)
+"""
+
+
+def test_run_tree_kills_descendants_that_left_the_group() -> None:
+    """run_tree (astra ui's supervisor) forwards SIGTERM and, after its grace period, kills a
+    descendant that moved to a session of its own and ignores SIGTERM."""
+    import threading
+
+    from astra_dagster.cli.supervise import run_tree
+
+    def grandchild() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True) if "grandchild" in " ".join(p.cmdline())]
+
+    found: list[psutil.Process] = []
+
+    def stop() -> None:  # once the grandchild runs (and run_tree has seen it), SIGTERM this process
+        deadline = time.monotonic() + 60
+        while not found and time.monotonic() < deadline:
+            found.extend(grandchild())
+            time.sleep(0.5)
+        time.sleep(2)  # run_tree looks at the tree once a second
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop, daemon=True).start()
+    stopped = run_tree([sys.executable, "-c", _TREE], grace=2.0)
+    assert found, "the grandchild never started"
+    assert stopped.signal == signal.SIGTERM and stopped.killed == 1, stopped
+    _gone, alive = psutil.wait_procs(found, timeout=30)
+    assert not alive
+    assert stopped.message("the tree").endswith(", 1 killed after the 2 s grace period")

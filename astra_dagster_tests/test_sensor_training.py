@@ -118,3 +118,64 @@ def test_in_process_release_runs_spectra_before_training(instance: dg.DagsterIns
     assert [s if isinstance(s, str) else [c.asset for c in s.counts] for s in steps] == [
         ["spectra"], "training thecannon_model (progress in the run's log)", ["thecannon"]]
     assert all(s.success for s in steps if isinstance(s, RunOutcome))
+
+
+def in_progress_run(instance: dg.DagsterInstance, model: dg.AssetKey, tags: dict[str, str], *,
+                    started: bool) -> dg.DagsterRun:
+    """A real run record of the implicit asset job selecting ``model``: queued, or started (its
+    RUN_START event sets the status and start time, as a run worker's would)."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    job = defs.resolve_implicit_job_def_def_for_assets([model])
+    # A queued run must say where the daemon would load it from (Dagster checks that).
+    location = InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="astra_dagster.definitions"),
+                                           location_name="astra")
+    origin = RemoteJobOrigin(repository_origin=RemoteRepositoryOrigin(code_location_origin=location,
+                                                                      repository_name="__repository__"),
+                             job_name=job.name)
+    run = instance.create_run_for_job(job_def=job, asset_selection={model}, tags=tags, remote_job_origin=origin)
+    event = dg.DagsterEventType.RUN_START if started else dg.DagsterEventType.RUN_ENQUEUED
+    instance.report_dagster_event(dg.DagsterEvent(event_type_value=event.value, job_name=run.job_name),
+                                  run_id=run.run_id)
+    return instance.get_run_by_id(run.run_id)
+
+
+def test_no_second_training_while_one_is_in_progress(instance: dg.DagsterInstance, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A model whose run is queued or running gets no second run (issue #13 point 8): neither
+    beside the sensor's own training (its TRAINING_TAG) nor beside one started by hand (selects the
+    model, no tag); spectra still run meanwhile, and once those runs finish the sensor asks again."""
+    data_root = tmp_path / "data"
+    monkeypatch.setenv("ASTRA_DATA_ROOT", str(data_root))
+    monkeypatch.setenv("ASTRA_RELEASE_ASSETS", "spectra,ferre,thepayne")
+    build_release(data_root, "r1")
+    ferre_grid, payne = dg.AssetKey("ferre_grid"), dg.AssetKey("thepayne_model")
+    sensor_run = in_progress_run(instance, ferre_grid, {TRAINING_TAG: "ferre_grid"}, started=True)
+    by_hand = in_progress_run(instance, payne, {}, started=False)
+    assert (sensor_run.status, by_hand.status) == (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED)
+
+    first = tick(instance)
+    ranges, training = split(first)
+    assert [r.asset_selection for r in ranges] == [[dg.AssetKey("spectra")]]  # spectra do not wait
+    assert training == []
+    log = capsys.readouterr().err
+    assert f"ferre_grid: run {sensor_run.run_id[:8]} started " in log, log
+    assert f"thepayne_model: run {by_hand.run_id[:8]} queued " in log, log
+    assert {w.assets for w in read_cursor(first.cursor)[1]} == {("ferre",), ("thepayne",)}
+
+    # nothing else to do: the tick is skipped, and says what it waits for
+    second = release_sensor(dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor))
+    assert isinstance(second, dg.SensorResult) and not second.run_requests
+    reason = second.skip_reason.skip_message
+    assert reason.startswith("waiting for ") and f"run {sensor_run.run_id[:8]} started" in reason, reason
+    assert f"run {by_hand.run_id[:8]} queued" in reason, reason
+
+    # both runs end without a model (failed, cancelled): the next tick requests both trainings again
+    instance.report_run_failed(sensor_run, "the training failed")
+    instance.report_run_canceled(by_hand)
+    third = tick(instance, second.cursor)
+    _, training = split(third)
+    assert sorted((r.run_key, r.tags[TRAINING_TAG]) for r in training) == [
+        ("model:ferre_grid", "ferre_grid"), ("model:thepayne_model", "thepayne_model")]

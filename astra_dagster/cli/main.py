@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -588,7 +587,12 @@ def demo() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @one_line_errors
 def ui(port: int, host: str) -> None:
-    """Start Dagster's web UI and daemon (``dagster dev``) on the Astra instance."""
+    """Start Dagster's web UI and daemon (``dagster dev``) on the Astra instance.
+
+    Ctrl-C or SIGTERM stops the whole tree (webserver, daemon, code server, run workers): the
+    signal goes to ``dagster dev``'s process group, what is left after 10 s is killed."""
+    from astra_dagster.cli.supervise import run_tree
+
     initialise(echo=False)
     settings = get_settings()
     workspace = Path(__file__).resolve().parents[2] / "workspace.yaml"
@@ -598,7 +602,10 @@ def ui(port: int, host: str) -> None:
     env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home)}
     target = ["-w", str(workspace)] if workspace.exists() else ["-m", "astra_dagster.definitions"]
     click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={settings.dagster_home})")
-    raise SystemExit(subprocess.call([dagster, "dev", *target, "-h", host, "-p", str(port)], env=env))
+    stopped = run_tree([dagster, "dev", *target, "-h", host, "-p", str(port)], env)
+    click.echo(f"astra: {stopped.message('dagster dev')}", err=True)
+    # A stop by signal exits 128 + n, as the shell reports a process the signal ended.
+    raise SystemExit(128 + stopped.signal if stopped.signal is not None else stopped.returncode)
 
 
 if __name__ == "__main__":
