@@ -128,7 +128,7 @@ def test_postmaster_killed_mid_run_fails_fast_with_one_line(private_home: Path, 
     # ...a forced re-run loses the database while computing.
     err = tmp_path / "rerun.err"
     with open(err, "w") as stderr:
-        rerun = subprocess.Popen([str(BIN / "astra"), "task", "rerun", "--force", task_id], cwd=REPO,
+        rerun = subprocess.Popen([str(BIN / "astra"), "task", "rerun", "--force", "--verbose", task_id], cwd=REPO,
                                  env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         _wait_for(lambda: "computing 1 task" in err.read_text(), 120, "re-run computing", rerun, err)
