@@ -168,14 +168,17 @@ def render_tree(p: dict[str, Any]) -> str:
     children = [_params(task)]
     spectra = p["spectra_task"]
     if spectra is not None:
-        files = []
+        # Files under their release: the manifest is said once, not once per file.
+        releases: dict[Any, list[tuple]] = {}
         for f in spectra["files"]:
-            lines = [f"sha256 {f['sha256']}", f"release {f['release'] or '-'}"]
-            if f["manifest_path"]:
-                lines.append(f"manifest {f['manifest_path']} (sha256 {f['manifest_sha256']})")
-            files.append(_node(f"{f['file_format']} {f['path']}", lines, []))
+            key = (f["release"], f["manifest_path"], f["manifest_sha256"])
+            releases.setdefault(key, []).append(
+                _node(f"{f['file_format']} {f['path']}", [f"sha256 {f['sha256']}"], []))
+        nodes = [_node(f"release {name or '-'}",
+                       [f"manifest {path} (sha256 {digest})"] if path else [], files)
+                 for (name, path, digest), files in releases.items()]
         children.append(_node(f"spectra {spectra['task_id']} (pk {spectra['pk']})", _task_lines(spectra),
-                              [_params(spectra), *files]))
+                              [_params(spectra), *nodes]))
     model = p["model_task"]
     if model is not None:
         role = "templates" if result["method"] == "doppler" else "model"
