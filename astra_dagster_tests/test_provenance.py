@@ -141,3 +141,28 @@ def test_provenance_of_results_before_and_after_retraining(tmp_path: Path, clean
         proc = astra("provenance", *args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert proc.stderr.count("\n") == 1 and message in proc.stderr, (args, proc.stderr)
+
+
+@pytest.mark.slow
+def test_doppler_provenance_names_the_templates_task(tmp_path: Path, clean_db: str) -> None:
+    """Doppler names its model by templates_task_id; the view and the tree follow that link too."""
+    generate_release(tmp_path / "data", "provenance-rv", 3, seed=11, progress=False)
+    templates = {"ops": {"doppler_templates": {"config": {"n_train": 600, "n_hot": 120, "seed": 7}}}}
+    with dg.instance_for_test() as instance:
+        assert materialize_assets(defs, [dg.AssetKey("doppler_templates")], instance=instance,
+                                  run_config=templates, log_level="WARNING").success
+        plan = plan_new_releases(instance, tmp_path / "data", None, block_size=100)
+        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+        assert all(o.success for o in run_planned(defs, plan.runs, [dg.AssetKey("spectra"), dg.AssetKey("doppler")],
+                                                  instance=instance))
+    with connect() as conn:
+        (source_id,) = conn.execute("select source_id from astra.source order by pk limit 1").fetchone()
+        templates_pk, templates_id = conn.execute(
+            "select pk, task_id from astra.task where asset_key = 'doppler_templates'").fetchone()
+        assert set(conn.execute("select model_task_pk, model_task_id from astra.provenance "
+                                "where method = 'doppler'").fetchall()) == {(templates_pk, templates_id)}
+    chain = _provenance("--source", source_id, "--method", "doppler")
+    assert chain["model_task"]["task_id"] == chain["task"]["parameters"]["templates_task_id"] == templates_id
+    assert chain["model_task"]["model"] is not None and chain["result"]["values"]["vhelio_star"] is not None
+    tree = astra("provenance", "doppler", str(chain["result"]["output_pk"]))
+    assert tree.returncode == 0 and f"templates {templates_id}" in tree.stdout, tree.stderr
