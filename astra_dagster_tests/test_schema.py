@@ -107,6 +107,8 @@ def test_link_references_are_enforced(clean_db: str) -> None:
 def test_thecannon_migration_keeps_existing_rows(clean_db: str) -> None:
     """A database made with the original placeholder table keeps its teff values as arrays."""
     with connect() as conn:
+        # A database from before schema 7 has no astra.provenance view (it reads astra.thecannon).
+        conn.execute("drop view astra.provenance")
         conn.execute("drop table astra.thecannon")
         conn.execute("create table astra.thecannon (output_pk int primary key "
                      "references astra.output_interface(pk), teff real)")

@@ -439,3 +439,47 @@ create table if not exists astra.summary_file (
 create index if not exists summary_file_output_pk_idx on astra.summary_file (output_pk);
 
 insert into astra.schema_version (version) values ('6') on conflict do nothing;
+
+-- Schema 7: provenance of every result in one row, for psql and TOPCAT users (`astra provenance`
+-- reads the same view, so the two always agree). The label tasks name their spectra and model
+-- tasks by task_id in their parameters (input_task_id, model_task_id; doppler: templates_task_id);
+-- task_id is 8 hex and can collide, so a name resolves to the task of the same source (spectra)
+-- or the one that holds a model row (model), newest first. The batch parent is the batch of the
+-- run that wrote the result (the task's run_id), else the newest batch that linked the task.
+-- A result whose task was recomputed with force (the task now points at a newer output) keeps
+-- its row here with NULL task columns.
+create or replace view astra.provenance as
+with results as (
+    select 'doppler'::text as method, output_pk from astra.doppler
+    union all select 'thecannon', output_pk from astra.thecannon
+    union all select 'thepayne', output_pk from astra.thepayne
+    union all select 'ferre', output_pk from astra.ferre
+    union all select 'apogeenet', output_pk from astra.apogeenet
+)
+select r.method, r.output_pk, t.pk as task_pk, t.task_id, s.source_id, t.status_code,
+       it.task_id as input_task_id, it.pk as input_task_pk,
+       mt.task_id as model_task_id, mt.pk as model_task_pk,
+       bt.task_id as batch_task_id, bt.pk as batch_task_pk,
+       t.run_id, t.created
+from results r
+left join astra.task t on t.output_pk = r.output_pk
+left join astra.source s on s.pk = t.source_pk
+left join lateral (
+    select p.parameter_value from astra.task_parameter tp join astra.parameter p on p.pk = tp.parameter_pk
+    where tp.task_pk = t.pk and p.parameter_name = 'input_task_id' limit 1) ip on true
+left join lateral (
+    select x.pk, x.task_id from astra.task x where x.task_id = ip.parameter_value
+    order by (x.source_pk is not distinct from t.source_pk) desc, x.pk desc limit 1) it on true
+left join lateral (
+    select p.parameter_value from astra.task_parameter tp join astra.parameter p on p.pk = tp.parameter_pk
+    where tp.task_pk = t.pk and p.parameter_name in ('model_task_id', 'templates_task_id') limit 1) mp on true
+left join lateral (
+    select x.pk, x.task_id from astra.task x where x.task_id = mp.parameter_value
+    order by exists (select 1 from astra.model m where m.output_pk = x.output_pk) desc, x.pk desc
+    limit 1) mt on true
+left join lateral (
+    select x.pk, x.task_id from astra.batch_interface b join astra.task x on x.pk = b.parent_task_pk
+    where b.child_task_pk = t.pk
+    order by (x.run_id is not distinct from t.run_id) desc, x.pk desc limit 1) bt on true;
+
+insert into astra.schema_version (version) values ('7') on conflict do nothing;

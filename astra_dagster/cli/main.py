@@ -265,6 +265,41 @@ def task_rerun(ref: str, force: bool) -> None:
         raise AstraCliError(f"re-run of {report.task_id} failed (Dagster run {report.run_id})")
 
 
+@main.command()
+@click.argument("table", required=False)
+@click.argument("output_pk", required=False)
+@click.option("--source", "source_id", default=None, help="A source id (with --method): its newest result.")
+@click.option("--method", default=None, help="doppler, thecannon, thepayne, ferre or apogeenet (with --source).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def provenance(table: str | None, output_pk: str | None, source_id: str | None, method: str | None,
+               as_json: bool) -> None:
+    """The whole chain of a result: its row, task, spectra task and files, model task and batch.
+
+    TABLE OUTPUT_PK (e.g. thecannon 42), or --source SOURCE_ID --method M for the source's newest
+    result of the method."""
+    from astra_dagster.db.connection import connect
+    from astra_dagster.lineage import provenance as pv
+
+    by_source = source_id is not None or method is not None
+    if by_source == (table is not None) or (by_source and (source_id is None or method is None)) \
+            or (table is not None and output_pk is None):
+        raise AstraCliError("give TABLE OUTPUT_PK, or --source SOURCE_ID --method M", EXIT_UNKNOWN)
+    try:
+        with connect() as conn:
+            if by_source:
+                name, pk = pv.method_of(method), pv.result_for_source(conn, source_id, method)
+            else:
+                name = pv.method_of(table)
+                if not output_pk.strip().isdigit():
+                    raise pv.ProvenanceError(f"output_pk must be a number, not {output_pk!r}")
+                pk = int(output_pk)
+            chain = pv.provenance(conn, name, pk)
+    except pv.ProvenanceError as exc:
+        raise AstraCliError(_one_line(exc), EXIT_UNKNOWN) from exc
+    click.echo(json.dumps(chain, default=str) if as_json else pv.render_tree(chain))
+
+
 # ---------------------------------------------------------------------------- releases
 
 
