@@ -96,6 +96,18 @@ def test_import_prints_no_beta_warning() -> None:
     assert "BetaWarning" not in proc.stderr and "backfill_policy" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_code_location_defers_the_methods() -> None:
+    """Loading the definitions (every run's process, the code server) imports Dagster and our
+    Config classes only: the methods, scipy and astropy come with the op that needs them."""
+    heavy = ("scipy", "astropy", "matplotlib", "pyarrow", "distributed", "dask", "astra_dagster.methods")
+    code = ("import sys, astra_dagster.definitions\n"
+            f"heavy = {heavy!r}\n"
+            "print(' '.join(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == []
+
+
 def test_pure_science_does_not_import_dagster() -> None:
     code = (
         "import sys, pkgutil, importlib, astra_dagster.methods as m\n"

@@ -19,7 +19,7 @@ The science lives in ``astra_dagster.methods.<module>``: ``train_model(**options
 import importlib
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dagster as dg
 from pydantic import Field
@@ -29,8 +29,11 @@ from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, Work, 
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel, class_path, import_class
-from astra_dagster.spectra.apogee import read_apstar
-from astra_dagster.spectra.spectrum import Spectrum
+
+# The FITS readers (astropy) and the methods are imported where used: loading the code
+# location and a memoised run need neither.
+if TYPE_CHECKING:
+    from astra_dagster.spectra.spectrum import Spectrum
 
 GROUP = "stellar_labels"
 #: Sources fitted together in one call of the method (progress is logged per chunk).
@@ -99,8 +102,10 @@ def as_array_row(per_spectrum: list[dict[str, Any]], scalars: frozenset[str] = f
     return row
 
 
-def read_stacks(item: TaskItem) -> list[Spectrum]:
+def read_stacks(item: TaskItem) -> "list[Spectrum]":
     """The source's apStar stacks (:func:`stacks_of`), read."""
+    from astra_dagster.spectra.apogee import read_apstar
+
     spectra = []
     for r in stacks_of(item):
         spectrum = read_apstar(r["path"])[0]
@@ -109,7 +114,7 @@ def read_stacks(item: TaskItem) -> list[Spectrum]:
     return spectra
 
 
-def _fit(module: str, model: Any, spectra: list[Spectrum], options: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _fit(module: str, model: Any, spectra: "list[Spectrum]", options: dict[str, Any] | None) -> list[dict[str, Any]]:
     per_spectrum = _method(module).fit_spectra(model, spectra, **(options or {}))
     if len(per_spectrum) != len(spectra):
         raise RuntimeError(f"{module} returned {len(per_spectrum)} results for {len(spectra)} spectra")
