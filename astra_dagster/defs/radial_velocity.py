@@ -146,7 +146,6 @@ def doppler(
     """One ``astra.doppler`` row per source: an element per apVisit (by MJD), plus the star's
     joint-fit velocity and visit scatter."""
     _, first_last = partition_range(context)
-    templates = doppler_templates.model.emulators
     release_pks = {row.get("release_pk") for entry in spectra.values() for row in entry["rows"]}
     with connect() as conn:
         synthetic = synthetic_releases(conn, [pk for pk in release_pks if pk is not None])
@@ -156,7 +155,9 @@ def doppler(
         for pk, entry in sorted(spectra.items())
     ]
     # Worker processes read the template set once each from its file (not once per source).
-    work = Work(_estimate, state=(config, templates, synthetic), setup=_worker_state,
+    # The template set (read on first use, with Doppler's scipy) goes in the state: a memoised
+    # run never reads it.
+    work = Work(_estimate, state=(config, doppler_templates, synthetic), setup=_worker_state,
                 setup_args=(config, str(doppler_templates.path), synthetic))
     return run_tasks(context, config, items, work, table="doppler", batch=True, partition_range=first_last)
 
@@ -167,4 +168,6 @@ def _worker_state(config: EstimateRadialVelocity, path: str, synthetic: dict[int
 
 def _estimate(state: tuple, item: TaskItem) -> dict[str, Any]:
     config, templates, synthetic = state
+    if isinstance(templates, LoadedModel):  # the step's own process: read when first needed
+        templates = templates.model.emulators
     return estimate(config, item, templates, synthetic)
