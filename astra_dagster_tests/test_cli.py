@@ -111,6 +111,44 @@ def test_rerun_of_a_child_task_runs_only_its_source(clean_db: str, monkeypatch: 
     assert len(outputs) == 6
 
 
+#: What the quick commands must not import (issue #12 point 5: process start dominated a memoised
+#: re-run): the numerical stack of the methods, Dagster, and every method package.
+HEAVY_MODULES = ("scipy", "astropy", "matplotlib", "pyarrow", "distributed", "dask", "dagster",
+                 "astra_dagster.methods")
+
+#: Runs the astra command in process, then prints the names of the modules it imported on stderr.
+_WITH_MODULES = """
+import sys
+from astra_dagster.cli.main import main
+try:
+    main(sys.argv[1:], prog_name="astra")
+finally:
+    print("MODULES " + " ".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def imported_by(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    proc = subprocess.run([sys.executable, "-c", _WITH_MODULES, *args], capture_output=True, text=True,
+                          timeout=300)
+    line = [li for li in proc.stderr.splitlines() if li.startswith("MODULES ")][-1]
+    return proc, set(line.split()[1:])
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
+
+
+def test_quick_commands_import_no_method_nor_dagster(clean_db: str) -> None:
+    task_id = build([RandomNumberGeneratorTask(seed=3, draws=2)])[0].task_id
+    for command in (("--help",), ("db", "url"), ("task", "show", task_id), ("task", "show", "1", "--json")):
+        proc, modules = imported_by(*command)
+        assert proc.returncode == 0, proc.stderr
+        assert heavy(modules) == [], command
+    # the Config classes stay where Dagster and `task rerun` find them, loaded on demand
+    proc, modules = imported_by("task", "show", "1")
+    assert task_id in proc.stdout and "astra_dagster.lineage.config" not in modules
+
+
 def test_unknown_task_is_one_line_and_exit_2(database: str) -> None:
     for ref in ("999999", "RNG.RandomNumberGeneratorTask_00000000"):
         for command in (("task", "show", ref), ("task", "rerun", ref)):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 
@@ -94,6 +95,39 @@ def test_import_prints_no_beta_warning() -> None:
                           text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "default"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "BetaWarning" not in proc.stderr and "backfill_policy" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_code_location_defers_the_methods() -> None:
+    """Loading the definitions (every run's process, the code server) imports Dagster and our
+    Config classes only: the methods, scipy and astropy come with the op that needs them."""
+    heavy = ("scipy", "astropy", "matplotlib", "pyarrow", "distributed", "dask", "astra_dagster.methods")
+    code = ("import sys, astra_dagster.definitions\n"
+            f"heavy = {heavy!r}\n"
+            "print(' '.join(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == []
+
+
+class CountingModel:
+    """A model class whose reads are counted (for the lazy LoadedModel below)."""
+
+    reads: ClassVar[list[str]] = []
+
+    @classmethod
+    def read(cls, path: Path) -> CountingModel:
+        cls.reads.append(str(path))
+        return cls()
+
+
+def test_a_loaded_model_is_read_on_first_use(tmp_path: Path) -> None:
+    """A memoised run gets its model input without reading the file nor importing the method."""
+    from astra_dagster.lineage.model_io import LoadedModel
+
+    loaded = LoadedModel(1, "T.Model_0", tmp_path / "model.npz", f"{__name__}:CountingModel", {})
+    assert CountingModel.reads == []
+    assert loaded.model is loaded.model and isinstance(loaded.model, CountingModel)
+    assert CountingModel.reads == [str(tmp_path / "model.npz")]
 
 
 def test_pure_science_does_not_import_dagster() -> None:

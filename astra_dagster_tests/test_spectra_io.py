@@ -72,6 +72,11 @@ def test_round_trips(tmp_path: Path) -> None:
     assert read_header_summary(path)["kinds"] == ["stack", "stack", "visit", "visit", "visit"]
     again = fx.write_good_apstar(tmp_path / "again.fits", nvisits=3)
     assert again.read_bytes() == path.read_bytes()  # deterministic
+    from_bytes = read_spectra(path, "apStar", data=path.read_bytes())
+    assert [s.meta for s in from_bytes] == [s.meta for s in spectra]
+    for a, b in zip(from_bytes, spectra, strict=True):
+        np.testing.assert_array_equal(a.flux, b.flux)
+        np.testing.assert_array_equal(a.ivar, b.ivar)
 
     wave, vflux, *_ = fx.apvisit_arrays()
     visit = read_spectra(fx.write_good_apvisit(tmp_path / "apVisit-test.fits"))[0]
@@ -84,10 +89,15 @@ def test_round_trips(tmp_path: Path) -> None:
 def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, case: str) -> None:
     writer, message = fx.BAD_FILES[case]
     path = writer(tmp_path / f"apStar-{case.replace(' ', '_')}.fits")
-    with pytest.raises(SpectrumFormatError) as info:
-        read_spectra(path)
-    assert message in str(info.value)
-    assert str(path) in str(info.value)
+    errors = []
+    # from disk, and from the bytes the spectra asset has read (and hashed) already: one message
+    for data in (None, path.read_bytes()):
+        with pytest.raises(SpectrumFormatError) as info:
+            read_spectra(path, data=data)
+        errors.append(str(info.value))
+    assert message in errors[0]
+    assert str(path) in errors[0]
+    assert errors[1] == errors[0]
 
 
 @pytest.mark.network

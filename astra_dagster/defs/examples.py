@@ -10,7 +10,6 @@ from pydantic import Field
 from astra_dagster.lineage.batch import TaskBatch, TaskItem, run_tasks
 from astra_dagster.lineage.config import AstraConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
-from astra_dagster.methods.examples import random_samples
 
 
 class RandomNumberGeneratorTask(AstraConfig):
@@ -38,6 +37,8 @@ def random_number_generator(
     context: dg.AssetExecutionContext, config: RandomNumberGeneratorTask
 ) -> TaskBatch:
     """Seeded standard-normal draws, written to ``astra.random_number_generator``."""
+    from astra_dagster.methods.examples import random_samples  # methods load with their op, not the code location
+
     return run_tasks(
         context,
         config,

@@ -19,7 +19,7 @@ The science lives in ``astra_dagster.methods.<module>``: ``train_model(**options
 import importlib
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dagster as dg
 from pydantic import Field
@@ -28,9 +28,12 @@ from astra_dagster.defs.partitions import RANGE_POLICY, SOURCE_BLOCKS, partition
 from astra_dagster.lineage.batch import ChunkResult, TaskBatch, TaskItem, Work, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
-from astra_dagster.lineage.model_io import LoadedModel, class_path, import_class
-from astra_dagster.spectra.apogee import read_apstar
-from astra_dagster.spectra.spectrum import Spectrum
+from astra_dagster.lineage.model_io import LoadedModel, import_class
+
+# The FITS readers (astropy) and the methods are imported where used: loading the code
+# location and a memoised run need neither.
+if TYPE_CHECKING:
+    from astra_dagster.spectra.spectrum import Spectrum
 
 GROUP = "stellar_labels"
 #: Sources fitted together in one call of the method (progress is logged per chunk).
@@ -99,8 +102,10 @@ def as_array_row(per_spectrum: list[dict[str, Any]], scalars: frozenset[str] = f
     return row
 
 
-def read_stacks(item: TaskItem) -> list[Spectrum]:
+def read_stacks(item: TaskItem) -> "list[Spectrum]":
     """The source's apStar stacks (:func:`stacks_of`), read."""
+    from astra_dagster.spectra.apogee import read_apstar
+
     spectra = []
     for r in stacks_of(item):
         spectrum = read_apstar(r["path"])[0]
@@ -109,7 +114,7 @@ def read_stacks(item: TaskItem) -> list[Spectrum]:
     return spectra
 
 
-def _fit(module: str, model: Any, spectra: list[Spectrum], options: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _fit(module: str, model: Any, spectra: "list[Spectrum]", options: dict[str, Any] | None) -> list[dict[str, Any]]:
     per_spectrum = _method(module).fit_spectra(model, spectra, **(options or {}))
     if len(per_spectrum) != len(spectra):
         raise RuntimeError(f"{module} returned {len(per_spectrum)} results for {len(spectra)} spectra")
@@ -157,14 +162,19 @@ def _worker_state(module: str, model_class: str, path: str, scalars: frozenset[s
     return module, import_class(model_class).read(path), scalars, options
 
 
+def _model_of(model: Any) -> Any:
+    # in the step's own process the state holds the LoadedModel (read when first needed)
+    return model.model if isinstance(model, LoadedModel) else model
+
+
 def _fit_one(state: tuple, item: TaskItem) -> dict[str, Any]:
     module, model, scalars, options = state
-    return fit_source(module, item, model, scalars, options)
+    return fit_source(module, item, _model_of(model), scalars, options)
 
 
 def _fit_many(state: tuple, items: list[TaskItem]) -> list[ChunkResult]:
     module, model, scalars, options = state
-    return fit_chunk(module, items, model, scalars, options)
+    return fit_chunk(module, items, _model_of(model), scalars, options)
 
 
 def label_asset(
@@ -191,8 +201,9 @@ def label_asset(
         ]
         context.log.info(f"{name}: {len(items)} sources with model {model.task_id}")
         # Worker processes read the model once each from its file (not once per source).
-        work = Work(_fit_one, state=(module, model.model, scalars, options), setup=_worker_state,
-                    setup_args=(module, class_path(model.model), str(model.path), scalars, options),
+        # The model itself (read on first use) goes in the state: a memoised run never reads it.
+        work = Work(_fit_one, state=(module, model, scalars, options), setup=_worker_state,
+                    setup_args=(module, model.model_class, str(model.path), scalars, options),
                     chunk_function=_fit_many, chunk_size=CHUNK_SIZE)
         return run_tasks(context, config, items, work, table=name, batch=True, partition_range=first_last)
 

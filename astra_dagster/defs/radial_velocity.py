@@ -3,7 +3,7 @@
 # No "from __future__ import annotations" here: Dagster reads Config annotations at runtime.
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dagster as dg
 import numpy as np
@@ -15,22 +15,19 @@ from astra_dagster.lineage.batch import TaskBatch, TaskItem, Work, run_tasks
 from astra_dagster.lineage.config import AstraConfig, SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
-from astra_dagster.methods.doppler import (
-    Emulator,
-    fit_star,
-    load_templates,
-    select_templates,
-    train_generator_emulators,
-)
-from astra_dagster.methods.progress import Progress
 from astra_dagster.releases.register import synthetic_releases
-from astra_dagster.spectra.apogee import read_apvisit
+
+# Doppler (scipy) and the FITS readers (astropy) are imported inside the functions that use
+# them: loading the code location, a memoised run and `astra task show` need neither.
+if TYPE_CHECKING:
+    from astra_dagster.methods.doppler import Emulator
+    from astra_dagster.methods.progress import Progress
 
 
 class TemplateSet:
     """The template families Doppler fits with, written as one folder of emulator files."""
 
-    def __init__(self, emulators: list[Emulator]):
+    def __init__(self, emulators: "list[Emulator]"):
         if not emulators:
             raise ValueError("a template set needs at least one emulator")
         self.emulators = emulators
@@ -43,6 +40,8 @@ class TemplateSet:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> "TemplateSet":
+        from astra_dagster.methods.doppler import Emulator
+
         return cls([Emulator.load(p) for p in sorted(Path(path).glob("*.npz"))])
 
 
@@ -65,7 +64,9 @@ class DopplerTemplates(AstraConfig):
     seed: int = Field(default=271828, description="Seed of the independent training grid.")
 
 
-def _templates(config: DopplerTemplates, progress: Progress | None = None) -> dict[str, Any]:
+def _templates(config: DopplerTemplates, progress: "Progress | None" = None) -> dict[str, Any]:
+    from astra_dagster.methods.doppler import load_templates, train_generator_emulators
+
     generator = None
     if config.kind in ("generator", "auto"):
         generator = train_generator_emulators(config.n_train, config.n_hot, config.seed, progress=progress)
@@ -105,8 +106,11 @@ def _nan(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def estimate(config: EstimateRadialVelocity, item: TaskItem, templates: list[Emulator],
+def estimate(config: EstimateRadialVelocity, item: TaskItem, templates: "list[Emulator]",
              synthetic: dict[int, bool]) -> dict[str, Any]:
+    from astra_dagster.methods.doppler import fit_star, select_templates
+    from astra_dagster.spectra.apogee import read_apvisit
+
     visits = [row for row in item.payload["rows"] if row["file_format"] == "apVisit"]
     if not visits:
         raise ValueError(f"{item.source_id}: no apVisit spectra to measure")
@@ -142,7 +146,6 @@ def doppler(
     """One ``astra.doppler`` row per source: an element per apVisit (by MJD), plus the star's
     joint-fit velocity and visit scatter."""
     _, first_last = partition_range(context)
-    templates = doppler_templates.model.emulators
     release_pks = {row.get("release_pk") for entry in spectra.values() for row in entry["rows"]}
     with connect() as conn:
         synthetic = synthetic_releases(conn, [pk for pk in release_pks if pk is not None])
@@ -152,7 +155,9 @@ def doppler(
         for pk, entry in sorted(spectra.items())
     ]
     # Worker processes read the template set once each from its file (not once per source).
-    work = Work(_estimate, state=(config, templates, synthetic), setup=_worker_state,
+    # The template set (read on first use, with Doppler's scipy) goes in the state: a memoised
+    # run never reads it.
+    work = Work(_estimate, state=(config, doppler_templates, synthetic), setup=_worker_state,
                 setup_args=(config, str(doppler_templates.path), synthetic))
     return run_tasks(context, config, items, work, table="doppler", batch=True, partition_range=first_last)
 
@@ -163,4 +168,6 @@ def _worker_state(config: EstimateRadialVelocity, path: str, synthetic: dict[int
 
 def _estimate(state: tuple, item: TaskItem) -> dict[str, Any]:
     config, templates, synthetic = state
+    if isinstance(templates, LoadedModel):  # the step's own process: read when first needed
+        templates = templates.model.emulators
     return estimate(config, item, templates, synthetic)

@@ -13,7 +13,6 @@ from astra_dagster.lineage.config import SourceTaskConfig
 from astra_dagster.lineage.io_manager import RESULT_ROWS_KEY, RESULT_TABLE_KEY
 from astra_dagster.lineage.sources import sources_in_blocks
 from astra_dagster.releases.register import SourceFiles, latest_files
-from astra_dagster.spectra.registration import spectrum_rows
 
 
 class RegisterSpectra(SourceTaskConfig):
@@ -28,6 +27,9 @@ class RegisterSpectra(SourceTaskConfig):
 
 
 def _register(config: RegisterSpectra, item: TaskItem) -> list[dict]:
+    # imported here: the FITS readers (astropy) are needed to register, not to load the code location
+    from astra_dagster.spectra.registration import spectrum_rows
+
     files: SourceFiles = item.payload
     rows = spectrum_rows(files.source_id, files.release_path, files.files,
                          verify_sha256=config.verify_sha256)

@@ -9,6 +9,7 @@ downstream tasks can name the model's task_id among their parameters.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -31,11 +32,19 @@ MODEL_TABLE = "model"
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A model task's output as a downstream asset gets it. ``model`` is read from its (checked)
+    file on first use: a run whose sources are all memoised never reads it, nor imports its
+    method's package (scipy, astropy...)."""
+
     task_pk: int
     task_id: str
     path: Path
-    model: Any
+    model_class: str
     summary: dict[str, Any]
+
+    @functools.cached_property
+    def model(self) -> Any:
+        return import_class(self.model_class).read(self.path)
 
 
 def checksum(path: Path) -> tuple[str, int]:
@@ -102,9 +111,8 @@ class AstraModelIOManager(AstraIOManager):
             raise FileNotFoundError(f"model file {path} of task {row['task_id']} is missing")
         if checksum(path)[0] != row["sha256"]:
             raise ValueError(f"model file {path} of task {row['task_id']} changed since it was written")
-        model = import_class(row["model_class"]).read(path)
         summary = row.get("summary") or {}
-        return LoadedModel(row["task_pk"], row["task_id"], path, model,
+        return LoadedModel(row["task_pk"], row["task_id"], path, row["model_class"],
                            summary if isinstance(summary, dict) else json.loads(summary))
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from astra_dagster.lineage.config import AstraConfig, config_class
 from astra_dagster.lineage.identity import family_of
 from astra_dagster.lineage.store import live_runs
+
+# lineage.config (Dagster, and a method's Config module) is imported by rebuild_config only:
+# `astra task show` reads rows and needs neither.
+if TYPE_CHECKING:
+    from astra_dagster.lineage.config import AstraConfig
 
 STATUS_NAMES = {0: "created", 1: "success", 30: "failure", 40: "process failure",
                 50: "broken", 60: "dependency missing"}
@@ -131,6 +135,8 @@ def rebuild_config(record: TaskRecord) -> tuple[AstraConfig, dict[str, str]]:
 
     Raises ValueError when the rebuilt parameters no longer give the same task_id.
     """
+    from astra_dagster.lineage.config import config_class
+
     cls = config_class(record.family, module=record.task_module)
     config, extra = cls.from_params(record.parameters)
     rebuilt = config.identity(extra)

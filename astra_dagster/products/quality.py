@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from astra_dagster.methods.metrics import SNR_BINS, accuracy_bins
 from astra_dagster.products.summary import MethodSpec, SummaryTable
 
 #: Above this fraction of flagged results the flagged_fraction check warns.
@@ -203,6 +202,9 @@ def accuracy(spec: MethodSpec, table: SummaryTable, truth: Truth,
 
 def accuracy_by_snr(spec: MethodSpec, table: SummaryTable, truth: Truth) -> list[dict[str, Any]]:
     """Contract 6's per-S/N-bin statistics of the unflagged results against the truth."""
+    # imported here: the code location (defs/checks) loads this module, no astra_dagster.methods needed
+    from astra_dagster.methods.metrics import SNR_BINS, accuracy_bins
+
     true = truth_columns(spec, table, truth)
     good = ~flagged(spec, table)
     labels = [label for label in table.meta["labels"] if label in true]

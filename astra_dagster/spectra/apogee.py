@@ -16,6 +16,7 @@ for comparisons only.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -48,19 +49,22 @@ _FITS_RECORD = 2880
 
 
 @contextmanager
-def open_fits(path: str | os.PathLike[str]) -> Iterator[fits.HDUList]:
+def open_fits(path: str | os.PathLike[str], data: bytes | None = None) -> Iterator[fits.HDUList]:
     """Open a FITS file, turning every astropy complaint (truncation, corrupt header) into a
-    SpectrumFormatError that names the file."""
+    SpectrumFormatError that names the file.
+
+    ``data``: the file's bytes, already read (and hashed) by the caller: parsed from memory, so
+    the file is read once, and what is parsed is what was checked."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise SpectrumFormatError(path, "file not found")
-    size = path.stat().st_size
+    size = path.stat().st_size if data is None else len(data)
     if size == 0:
         raise SpectrumFormatError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # astropy only *warns* about truncated files
-            with fits.open(path, memmap=False) as hdul:
+            with fits.open(path if data is None else io.BytesIO(data), memmap=False) as hdul:
                 yield hdul
     except SpectrumFormatError:
         raise
@@ -206,9 +210,20 @@ def read_apstar(path: str | os.PathLike[str]) -> list[Spectrum]:
     """Every spectrum of an apStar file: stacks first, then visits (rest frame)."""
     path = Path(path)
     with open_fits(path) as hdul:
-        header = hdul[0].header
-        flux, sigma, mask = (_image(hdul, i, name, path) for i, name in _APSTAR_HDUS.items())
-        _check_apstar_grid(hdul, path)
+        parts = apstar_parts(hdul, path)
+    return apstar_spectra(path, *parts)
+
+
+def apstar_parts(hdul: fits.HDUList, path: Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`apstar_spectra` needs of an open apStar file (its header and images)."""
+    flux, sigma, mask = (_image(hdul, i, name, path) for i, name in _APSTAR_HDUS.items())
+    _check_apstar_grid(hdul, path)
+    return hdul[0].header, flux, sigma, mask
+
+
+def apstar_spectra(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray,
+                   mask: np.ndarray) -> list[Spectrum]:
+    """The spectra of an apStar file from :func:`apstar_parts` (after the file is closed)."""
     if flux.ndim > 2:
         raise SpectrumFormatError(path, f"flux has {flux.ndim} dimensions {flux.shape}, an apStar has 1 or 2")
     flux, sigma, mask = (np.atleast_2d(a) for a in (flux, sigma, mask))
@@ -288,8 +303,20 @@ def read_apvisit(path: str | os.PathLike[str]) -> Spectrum:
     """An apVisit spectrum in the observed frame, chips concatenated in ascending wavelength."""
     path = Path(path)
     with open_fits(path) as hdul:
-        header = hdul[0].header
-        flux, sigma, mask, wave = (_image(hdul, i, name, path) for i, name in _APVISIT_HDUS.items())
+        parts = apvisit_parts(hdul, path)
+    return apvisit_spectrum(path, *parts)
+
+
+def apvisit_parts(hdul: fits.HDUList, path: Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray,
+                                                           np.ndarray]:
+    """What :func:`apvisit_spectrum` needs of an open apVisit file (its header and images)."""
+    flux, sigma, mask, wave = (_image(hdul, i, name, path) for i, name in _APVISIT_HDUS.items())
+    return hdul[0].header, flux, sigma, mask, wave
+
+
+def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray, mask: np.ndarray,
+                     wave: np.ndarray) -> Spectrum:
+    """The spectrum of an apVisit file from :func:`apvisit_parts` (after the file is closed)."""
     shapes = {a.shape for a in (flux, sigma, mask, wave)}
     if len(shapes) != 1:
         raise SpectrumFormatError(

@@ -3,6 +3,7 @@ every spectrum they hold (pure: no database; the spectra asset turns this into t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,10 @@ from astra_dagster.spectra.errors import SpectrumFormatError
 from astra_dagster.spectra.io import read_spectra
 from astra_dagster.spectra.manifest import sha256_file
 from astra_dagster.spectra.text import MAX_ID, MAX_NAME, MAX_PATH, UnsafeTextError, checked_text
+
+#: Files up to this size are read once into memory, hashed there and parsed from those bytes;
+#: a larger one is hashed in chunks and parsed from disk (astropy then reads only what it needs).
+READ_ONCE_BYTES = 256 << 20
 
 #: Values the spectrum table accepts for the readers' kind and frame (its check constraints).
 KINDS = ("visit", "stack")
@@ -46,10 +51,16 @@ def spectrum_rows(
         # The manifest's paths are checked to stay inside the release; a symbolic link must too
         if not path.resolve().is_relative_to(Path(release_path).resolve()):
             raise RegistrationError(f"{path}: resolves outside the release folder ({path.resolve()})")
-        if path.stat().st_size != size or (verify_sha256 and sha256_file(path) != sha256):
+        on_disk = path.stat().st_size
+        data = path.read_bytes() if on_disk == size and size <= READ_ONCE_BYTES else None
+        if data is not None:
+            digest = hashlib.sha256(data).hexdigest() if verify_sha256 else sha256
+        else:
+            digest = sha256_file(path) if verify_sha256 and on_disk == size else sha256
+        if on_disk != size or (data is not None and len(data) != size) or digest != sha256:
             raise RegistrationError(f"{path}: content differs from the manifest (changed after release)")
         try:
-            spectra = read_spectra(path, fmt or None)
+            spectra = read_spectra(path, fmt or None, data=data)
         except SpectrumFormatError as exc:
             raise RegistrationError(str(exc)) from exc
         for spectrum in spectra:
