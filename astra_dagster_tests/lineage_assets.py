@@ -109,3 +109,12 @@ squares_job = dg.define_asset_job("squares_job", selection=[squares], partitions
 
 defs = dg.Definitions(assets=[squares, squares_plus], jobs=[squares_job],
                       resources={"astra_io_manager": AstraIOManager()})
+
+
+def materialize_squares(instance: dg.DagsterInstance, keys: list[str], config: dict | None = None,
+                        ) -> dg.ExecuteInProcessResult:
+    """One range run of ``squares`` over the blocks ``keys`` (first to last), in this process."""
+    return dg.materialize([squares], instance=instance, resources={"astra_io_manager": AstraIOManager()},
+                          run_config={"ops": {"squares": {"config": config}}} if config is not None else None,
+                          tags={"dagster/asset_partition_range_start": keys[0],
+                                "dagster/asset_partition_range_end": keys[-1]})

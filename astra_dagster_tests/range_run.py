@@ -9,7 +9,6 @@ import time
 
 import dagster as dg
 
-from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster_tests import lineage_assets
 
 
@@ -19,11 +18,7 @@ def main() -> None:
     instance.add_dynamic_partitions("source_blocks", keys)
     if len(sys.argv) > 3:
         time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
-    result = dg.materialize([lineage_assets.squares], instance=instance,
-                            resources={"astra_io_manager": AstraIOManager()},
-                            run_config={"ops": {"squares": {"config": config}}},
-                            tags={"dagster/asset_partition_range_start": keys[0],
-                                  "dagster/asset_partition_range_end": keys[-1]})
+    result = lineage_assets.materialize_squares(instance, keys, config)
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     print(json.dumps({"run_id": result.run_id,
                       **{k: meta[k].value for k in ("astra/computed", "astra/skipped", "astra/failed")}}))

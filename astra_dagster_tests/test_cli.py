@@ -77,9 +77,7 @@ def test_task_show_and_rerun(clean_db: str) -> None:
 
 
 def test_rerun_of_a_child_task_runs_only_its_source(clean_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dagster as dg
 
-    from astra_dagster.lineage.io_manager import AstraIOManager
     from astra_dagster.lineage.sources import blocks_for, register_sources
     from astra_dagster.orchestration.instance import get_instance
     from astra_dagster_tests import lineage_assets
@@ -91,10 +89,7 @@ def test_rerun_of_a_child_task_runs_only_its_source(clean_db: str, monkeypatch: 
     keys = blocks_for(pks.values(), 3)
     instance = get_instance()
     instance.add_dynamic_partitions("source_blocks", keys)
-    dg.materialize([lineage_assets.squares], instance=instance,
-                   resources={"astra_io_manager": AstraIOManager()},
-                   tags={"dagster/asset_partition_range_start": keys[0],
-                         "dagster/asset_partition_range_end": keys[-1]})
+    lineage_assets.materialize_squares(instance, keys)
     with connect() as conn:
         child = conn.execute("select t.task_id, t.output_pk from astra.task t join astra.source s "
                              "on s.pk = t.source_pk where s.source_id = 'SRC-5'").fetchone()

@@ -18,14 +18,10 @@ import pytest
 from astra_dagster.db.connection import connect
 from astra_dagster.definitions import defs
 from astra_dagster.engines.dask import DaskEngine
-from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster.lineage.sources import blocks_for, register_sources
-from astra_dagster.orchestration.build import materialize_assets
 from astra_dagster.orchestration.planned_runs import materialize_range
-from astra_dagster.releases.plan import SOURCE_BLOCKS_NAME, plan_new_releases
-from astra_dagster.spectra.release import generate_release
 from astra_dagster_tests import lineage_assets
-from astra_dagster_tests.test_workers import TEMPLATES, snapshot
+from astra_dagster_tests.test_workers import doppler_release, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,10 +53,7 @@ def test_dask_local_cluster_gives_the_serial_results(clean_db: str, monkeypatch:
     try:
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions("source_blocks", keys)
-            result = dg.materialize([lineage_assets.squares], instance=instance,
-                                    resources={"astra_io_manager": AstraIOManager()},
-                                    tags={"dagster/asset_partition_range_start": keys[0],
-                                          "dagster/asset_partition_range_end": keys[-1]})
+            result = lineage_assets.materialize_squares(instance, keys)
             assert result.success
             messages = [e.user_message for e in instance.all_logs(result.run_id)]
     finally:
@@ -79,14 +72,9 @@ def test_dask_local_cluster_gives_the_serial_results(clean_db: str, monkeypatch:
 def test_spectra_and_doppler_on_slurm_workers_equal_the_local_run(
         slurm: None, clean_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "3")
-    generate_release(tmp_path / "data", "slurm-test", 6, seed=9, progress=False)
     keys = [dg.AssetKey("spectra"), dg.AssetKey("doppler")]
     with dg.instance_for_test() as instance:
-        assert materialize_assets(defs, [dg.AssetKey("doppler_templates")], instance=instance,
-                                  run_config=TEMPLATES, log_level="WARNING").success
-        plan = plan_new_releases(instance, tmp_path / "data", None, block_size=3)
-        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
-        first, last = plan.new_partition_keys[0], plan.new_partition_keys[-1]
+        first, last = doppler_release(instance, tmp_path / "data", "slurm-test", 6, seed=9, block=3)
 
         monkeypatch.setenv("ASTRA_WORKERS", "1")
         assert materialize_range(defs, keys, first, last, instance=instance).success

@@ -18,7 +18,6 @@ import pytest
 
 from astra_dagster.db.connection import connect
 from astra_dagster.lineage import store
-from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster.lineage.sources import blocks_for, register_sources
 from astra_dagster_tests import lineage_assets
 
@@ -144,9 +143,6 @@ def test_chunks_are_written_while_the_run_goes_on(keys: list[str], monkeypatch: 
     monkeypatch.setattr(store, "write_chunk", spy)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("source_blocks", keys)
-        result = dg.materialize([lineage_assets.squares], instance=instance,
-                                resources={"astra_io_manager": AstraIOManager()},
-                                tags={"dagster/asset_partition_range_start": keys[0],
-                                      "dagster/asset_partition_range_end": keys[-1]})
+        result = lineage_assets.materialize_squares(instance, keys)
     assert result.success
     assert seen == list(range(5, N_SOURCES + 1, 5))  # committed chunk by chunk, not at the end

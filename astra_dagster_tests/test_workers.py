@@ -12,7 +12,6 @@ import pytest
 from astra_dagster.db.connection import connect
 from astra_dagster.definitions import defs
 from astra_dagster.lineage import store
-from astra_dagster.lineage.io_manager import AstraIOManager
 from astra_dagster.lineage.sources import blocks_for, register_sources
 from astra_dagster.orchestration.build import materialize_assets
 from astra_dagster.orchestration.planned_runs import materialize_range
@@ -26,6 +25,18 @@ RESULT_COLUMNS = {
     "spectra": "r.path, r.kind, r.row_index, r.snr, r.mjd, r.sha256",
     "doppler": "r.vhelio, r.vrel, r.u_vrel, r.teff, r.logg, r.fe_h, r.chisq, r.bitmask_flag, r.vhelio_star",
 }
+
+
+def doppler_release(instance: dg.DagsterInstance, data: Path, name: str, n_sources: int, *, seed: int,
+                    block: int) -> tuple[str, str]:
+    """A synthetic release under ``data`` planned into ``instance`` with doppler's templates
+    trained (TEMPLATES): the first and last of its partition keys."""
+    generate_release(data, name, n_sources, seed=seed, progress=False)
+    assert materialize_assets(defs, [dg.AssetKey("doppler_templates")], instance=instance,
+                              run_config=TEMPLATES, log_level="WARNING").success
+    plan = plan_new_releases(instance, data, None, block_size=block)
+    instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
+    return plan.new_partition_keys[0], plan.new_partition_keys[-1]
 
 
 def snapshot(asset: str) -> list[tuple]:
@@ -42,14 +53,9 @@ def snapshot(asset: str) -> list[tuple]:
 def test_pool_gives_the_serial_rows_and_task_ids(clean_db: str, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASTRA_SOURCES_PER_PARTITION", "4")
-    generate_release(tmp_path / "data", "pool-test", 8, seed=5, progress=False)
     keys = [dg.AssetKey("spectra"), dg.AssetKey("doppler")]
     with dg.instance_for_test() as instance:
-        assert materialize_assets(defs, [dg.AssetKey("doppler_templates")], instance=instance,
-                                  run_config=TEMPLATES, log_level="WARNING").success
-        plan = plan_new_releases(instance, tmp_path / "data", None, block_size=4)
-        instance.add_dynamic_partitions(SOURCE_BLOCKS_NAME, plan.new_partition_keys)
-        first, last = plan.new_partition_keys[0], plan.new_partition_keys[-1]
+        first, last = doppler_release(instance, tmp_path / "data", "pool-test", 8, seed=5, block=4)
 
         monkeypatch.setenv("ASTRA_WORKERS", "1")
         assert materialize_range(defs, keys, first, last, instance=instance).success
@@ -96,11 +102,7 @@ def squares_setup(clean_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
 
 def test_a_worker_that_dies_fails_only_its_source(squares_setup) -> None:
     instance, keys = squares_setup
-    result = dg.materialize([lineage_assets.squares], instance=instance,
-                            resources={"astra_io_manager": AstraIOManager()},
-                            run_config={"ops": {"squares": {"config": {"sleep_seconds": 0.02}}}},
-                            tags={"dagster/asset_partition_range_start": keys[0],
-                                  "dagster/asset_partition_range_end": keys[-1]})
+    result = lineage_assets.materialize_squares(instance, keys, {"sleep_seconds": 0.02})
     assert result.success
     rows = {sid: (status, error, value) for sid, status, error, value in _rows(
         "select s.source_id, t.status_code, t.error, r.value from astra.task t join astra.source s "
