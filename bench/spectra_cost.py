@@ -6,9 +6,11 @@ For each source of a synthetic release (written to a temporary folder): the time
 ``spectrum_rows`` (check, hash, read and describe the source's files: what the asset does per
 source, without the database) and, in the same process, the time to read the same files' bytes
 and ``hashlib.sha256`` them. The ratio is the overhead of parsing and checking over the I/O the
-asset cannot avoid (target <= ~2x), and against the floor of astropy itself (read, hash, open the
-bytes and load every HDU), which is most of it. Each measurement is the best of ``--repeat`` passes (the
-files are in the page cache after the first), in CPU seconds. The last line is JSON.
+asset cannot avoid (target <= ~2x); against astropy's floor (read, hash, open the bytes and load
+every HDU), which ``spectrum_rows`` undercuts by reading apStar/apVisit files with
+``spectra/plain_fits.py`` (astropy only for what that reader leaves to it). Each measurement is
+the best of ``--repeat`` passes (the files are in the page cache after the first), in CPU seconds.
+The last line is JSON.
 """
 
 from __future__ import annotations

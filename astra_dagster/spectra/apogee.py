@@ -28,6 +28,7 @@ import numpy as np
 from astropy.io import fits
 
 from astra_dagster.spectra.errors import SpectrumFormatError
+from astra_dagster.spectra.plain_fits import PlainImage
 from astra_dagster.spectra.spectrum import (
     APSTAR_CDELT1,
     APSTAR_CRVAL1,
@@ -117,7 +118,7 @@ def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
     if len(hdul) <= index:
         raise SpectrumFormatError(path, f"HDU {index} ({name}) missing")
     hdu = hdul[index]
-    if not isinstance(hdu, fits.ImageHDU | fits.PrimaryHDU | fits.CompImageHDU):
+    if not isinstance(hdu, fits.ImageHDU | fits.PrimaryHDU | fits.CompImageHDU | PlainImage):
         raise SpectrumFormatError(path, f"HDU {index} ({name}) is a table, not an image")
     naxis = [hdu.header.get(f"NAXIS{i}", 0) for i in range(1, int(hdu.header.get("NAXIS", 0) or 0) + 1)]
     if naxis and int(np.prod([float(n) for n in naxis])) > MAX_PIXELS:
@@ -132,26 +133,29 @@ def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
 
 
 def _ivar(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
+    finite_flux, finite_sigma = np.isfinite(flux), np.isfinite(sigma)
+    with np.errstate(invalid="ignore", over="ignore"):
         if np.any(sigma < 0):
             raise SpectrumFormatError(path, f"negative flux error (σ < 0) in {where}")
         # DR17 and our generator mark a pixel without data by NaN in both flux and σ; a
-        # non-finite value in only one of them is a broken file, not a gap
-        lone_flux = ~np.isfinite(flux) & np.isfinite(sigma)
-        if np.any(lone_flux):
-            raise SpectrumFormatError(
-                path, f"non-finite flux (NaN or inf) at {int(lone_flux.sum())} pixel(s) of {where} "
-                "whose flux error is finite")
-        lone_sigma = np.isnan(sigma) & np.isfinite(flux)
-        if np.any(lone_sigma):
-            raise SpectrumFormatError(
-                path, f"non-finite flux error (NaN) at {int(lone_sigma.sum())} pixel(s) of {where} "
-                "whose flux is finite")
-        good = np.isfinite(flux) & np.isfinite(sigma) & (sigma > 0)
-    if not np.any(good):
-        raise SpectrumFormatError(path, f"no pixel with a positive finite flux error in {where}")
-    ivar = np.zeros(flux.shape)
-    ivar[good] = 1.0 / sigma[good] ** 2
+        # non-finite value in only one of them is a broken file, not a gap (looked at closely only
+        # where the two masks differ: most files have none)
+        if not np.array_equal(finite_flux, finite_sigma):
+            lone_flux = ~finite_flux & finite_sigma
+            if np.any(lone_flux):
+                raise SpectrumFormatError(
+                    path, f"non-finite flux (NaN or inf) at {int(lone_flux.sum())} pixel(s) of {where} "
+                    "whose flux error is finite")
+            lone_sigma = np.isnan(sigma) & finite_flux
+            if np.any(lone_sigma):
+                raise SpectrumFormatError(
+                    path, f"non-finite flux error (NaN) at {int(lone_sigma.sum())} pixel(s) of {where} "
+                    "whose flux is finite")
+        good = finite_flux & finite_sigma & (sigma > 0)
+        if not np.any(good):
+            raise SpectrumFormatError(path, f"no pixel with a positive finite flux error in {where}")
+        ivar = np.zeros(flux.shape)
+        np.divide(1.0, sigma * sigma, where=good, out=ivar)
     return ivar
 
 
@@ -325,18 +329,20 @@ def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: n
         raise SpectrumFormatError(
             path, f"NAXIS1/NAXIS2 are {flux.shape[::-1]}, an apVisit has 4096 (or 2048) x 3")
     mask = _pixel_mask(mask, path)
-    order = np.argsort(np.nanmin(wave, axis=1))  # blue, green, red
+    # converted once for the three chips, then cut and ordered (blue, green, red)
+    wave, flux, sigma = wave.astype(float), flux.astype(float), sigma.astype(float)
+    order = np.argsort(np.nanmin(wave, axis=1))
     w, f, s, m, slices, start = [], [], [], [], [], 0
     for chip in order:
-        chip_wave = wave[chip].astype(float)
+        chip_wave = wave[chip]
         step = np.diff(chip_wave)
         if not np.all(np.isfinite(chip_wave)) or not (np.all(step < 0) or np.all(step > 0)):
             raise SpectrumFormatError(path, f"wavelength of chip row {chip} is not monotonic and finite")
         rev = slice(None, None, -1) if step[0] < 0 else slice(None)
         w.append(chip_wave[rev])
-        f.append(flux[chip][rev].astype(float))
-        s.append(sigma[chip][rev].astype(float))
-        m.append(mask[chip][rev].astype(np.int64))
+        f.append(flux[chip][rev])
+        s.append(sigma[chip][rev])
+        m.append(mask[chip][rev])
         slices.append((start, start + chip_wave.size))
         start += chip_wave.size
     flux_all = np.concatenate(f)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from astra_dagster.spectra import apogee
 from astra_dagster.spectra.apogee import open_fits
 from astra_dagster.spectra.errors import SpectrumFormatError
+from astra_dagster.spectra.plain_fits import read_plain_images
 from astra_dagster.spectra.spectrum import Spectrum
+
+#: The HDUs the APOGEE readers take images from (primary + 4 for apVisit, + 3 for apStar): a
+#: table among them is a file for astropy (its checks say "a table, not an image").
+_APVISIT_IMAGES = 5
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -42,28 +48,32 @@ def format_of(hdul: Any, path: Path) -> str:
 
 
 def read_spectra(path: str | os.PathLike[str], expected_format: str | None = None,
-                 data: bytes | None = None) -> list[Spectrum]:
+                 data: bytes | None = None, *, plain_reader: bool = True) -> list[Spectrum]:
     """Every spectrum in the file, whatever its (supported) format.
 
     ``expected_format`` (the manifest's): a file of another format is refused; one whose format
     cannot be told is read as that format, so its error says what it lacks (a missing HDU, a
     wrong shape) rather than only "unknown format". ``data``: the file's bytes, when the caller
-    has read them already (to hash them): parsed from memory instead of read again.
+    has read them already (to hash them): parsed from memory instead of read again, by
+    :mod:`~astra_dagster.spectra.plain_fits` where that reader understands the whole file
+    (``plain_reader=False``: by astropy always; the same spectra, for comparisons).
     """
     from astropy.io.fits.verify import VerifyError
 
     try:
-        return _read_spectra(Path(path), expected_format, data)
+        return _read_spectra(Path(path), expected_format, data, plain_reader)
     except VerifyError as exc:
         # astropy parses a card only when it is read: a control character in a header value
         # surfaces here, after the file opened fine.
         raise SpectrumFormatError(path, f"unparsable header ({str(exc).splitlines()[0]})") from None
 
 
-def _read_spectra(path: Path, expected_format: str | None, data: bytes | None) -> list[Spectrum]:
-    # One open for the format and the APOGEE readers' images (astropy's header parsing, not the
-    # I/O, is most of a file's cost); the reader's checks run after the file is closed, as alone.
-    with open_fits(path, data) as hdul:
+def _read_spectra(path: Path, expected_format: str | None, data: bytes | None,
+                  plain_reader: bool) -> list[Spectrum]:
+    # One open for the format and the APOGEE readers' images (header parsing, not the I/O, is
+    # most of a file's cost); the reader's checks run after the file is closed, as alone.
+    plain = read_plain_images(data, _APVISIT_IMAGES) if plain_reader and data is not None else None
+    with nullcontext(plain) if plain is not None else open_fits(path, data) as hdul:
         try:
             fmt = format_of(hdul, path)
         except SpectrumFormatError as exc:

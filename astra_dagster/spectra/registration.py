@@ -42,6 +42,7 @@ def spectrum_rows(
     if not files:
         raise RegistrationError(f"{source_id}: the release lists no files for this source")
     rows: list[dict[str, Any]] = []
+    release_root = Path(release_path).resolve()
     for relative, fmt, sha256, size in files:
         path = Path(release_path) / relative
         if path.exists() and not path.is_file():
@@ -49,8 +50,9 @@ def spectrum_rows(
         if not path.is_file():
             raise RegistrationError(f"{path}: listed in the manifest but missing")
         # The manifest's paths are checked to stay inside the release; a symbolic link must too
-        if not path.resolve().is_relative_to(Path(release_path).resolve()):
-            raise RegistrationError(f"{path}: resolves outside the release folder ({path.resolve()})")
+        resolved = path.resolve()
+        if not resolved.is_relative_to(release_root):
+            raise RegistrationError(f"{path}: resolves outside the release folder ({resolved})")
         on_disk = path.stat().st_size
         data = path.read_bytes() if on_disk == size and size <= READ_ONCE_BYTES else None
         if data is not None:
@@ -63,10 +65,15 @@ def spectrum_rows(
             spectra = read_spectra(path, fmt or None, data=data)
         except SpectrumFormatError as exc:
             raise RegistrationError(str(exc)) from exc
+        try:
+            stored_path = checked_text(str(resolved), where=ascii(str(path))[1:-1], field="path",
+                                       max_length=MAX_PATH)
+        except UnsafeTextError as exc:
+            raise RegistrationError(str(exc)) from None
         for spectrum in spectra:
             meta = spectrum.meta
             try:
-                row = _header_strings(path, meta)
+                row = _header_strings(path, meta, stored_path)
             except UnsafeTextError as exc:
                 raise RegistrationError(str(exc)) from None
             owner = row.pop("owner")
@@ -85,7 +92,7 @@ def spectrum_rows(
     return rows
 
 
-def _header_strings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _header_strings(path: Path, meta: dict[str, Any], stored_path: str) -> dict[str, Any]:
     """The strings of a spectrum's header that reach the database, checked (one line naming the
     file and the keyword on failure): NUL, control characters, encoding, length."""
     where = ascii(str(path))[1:-1]
@@ -97,7 +104,7 @@ def _header_strings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     telescope = meta.get("telescope")
     owner = meta.get("source_id")
     return {
-        "path": checked_text(str(path.resolve()), where=where, field="path", max_length=MAX_PATH),
+        "path": stored_path,
         "kind": kind,
         "frame": frame,
         "telescope": None if telescope is None else checked_text(

@@ -29,6 +29,8 @@ def _preview(value: str) -> str:
 
 def text_problem(value: str, max_length: int) -> str | None:
     """Why ``value`` may not reach the database, or None when it may."""
+    if value.isascii() and value.isprintable():  # the common case: no control character possible
+        return None if len(value) <= max_length else f"is {len(value)} characters long (at most {max_length})"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
