@@ -113,3 +113,36 @@ def test_a_worker_that_dies_fails_only_its_source(squares_setup) -> None:
     assert {sid: v for sid, (_, _, v) in rows.items()} == {
         f"SRC-{i}": float(i * i) for i in [*range(1, 6), *range(7, 13)]}
     assert {s for s, _, _ in rows.values()} == {store.STATUS_SUCCESS}
+
+
+def test_worker_modules_do_not_import_dagster() -> None:
+    """What a worker imports (the engine, the per-source tasks, their preloads) leaves Dagster
+    out: a pool's start costs the method's imports only."""
+    import subprocess
+    import sys
+
+    from astra_dagster.tasks import doppler, labels
+
+    modules = ["astra_dagster.engines.work", "astra_dagster.engines.local", "astra_dagster.tasks.doppler",
+               "astra_dagster.tasks.labels", *doppler.PRELOAD,
+               *(m for method in ("thecannon", "thepayne", "ferre", "apogeenet") for m in labels.preload(method))]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'psycopg', 'pydantic')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_jobs_start_with_the_costliest_and_shrink_towards_the_end() -> None:
+    from astra_dagster.engines.work import Work
+    from astra_dagster.lineage.batch import _jobs
+
+    work = Work(print)
+    order = list(range(199, -1, -1))
+    jobs = _jobs(work, 200, 2, order)
+    assert sorted(i for job in jobs for i in job) == list(range(200))  # each index once
+    assert jobs[0][0] == 199 and max(map(len, jobs)) == 8 and len(jobs[-1]) == 1
+    sizes = [len(j) for j in jobs]
+    assert sizes == sorted(sizes, reverse=True)
+    chunked = _jobs(Work(print, chunk_function=lambda s, items: [], chunk_size=64), 200, 2)
+    assert [len(j) for j in chunked] == [64, 64, 64, 8]

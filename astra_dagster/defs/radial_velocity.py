@@ -1,12 +1,9 @@
 """Radial velocities: the Doppler template set (a model asset) and the per-source ``doppler`` asset."""
 
 # No "from __future__ import annotations" here: Dagster reads Config annotations at runtime.
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import dagster as dg
-import numpy as np
 from pydantic import Field
 
 from astra_dagster.db.connection import connect
@@ -17,32 +14,15 @@ from astra_dagster.lineage.io_manager import RESULT_TABLE_KEY
 from astra_dagster.lineage.model_io import LoadedModel
 from astra_dagster.releases.register import synthetic_releases
 
+# The per-source work and the template set's file format live where a worker process can import
+# them without Dagster; TemplateSet is also named here, as stored models record its class path.
+from astra_dagster.tasks import ReadOnFirstUse
+from astra_dagster.tasks.doppler import PRELOAD, RVOptions, TemplateSet, estimate_source, visits, worker_state
+
 # Doppler (scipy) and the FITS readers (astropy) are imported inside the functions that use
 # them: loading the code location, a memoised run and `astra task show` need neither.
 if TYPE_CHECKING:
-    from astra_dagster.methods.doppler import Emulator
     from astra_dagster.methods.progress import Progress
-
-
-class TemplateSet:
-    """The template families Doppler fits with, written as one folder of emulator files."""
-
-    def __init__(self, emulators: "list[Emulator]"):
-        if not emulators:
-            raise ValueError("a template set needs at least one emulator")
-        self.emulators = emulators
-
-    def write(self, path: str | os.PathLike[str]) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True)
-        for i, emulator in enumerate(self.emulators):
-            emulator.save(folder / f"{i:02d}_{emulator.name}.npz")
-
-    @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> "TemplateSet":
-        from astra_dagster.methods.doppler import Emulator
-
-        return cls([Emulator.load(p) for p in sorted(Path(path).glob("*.npz"))])
 
 
 class DopplerTemplates(AstraConfig):
@@ -102,33 +82,6 @@ class EstimateRadialVelocity(SourceTaskConfig):
     )
 
 
-def _nan(value: float) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
-
-
-def estimate(config: EstimateRadialVelocity, item: TaskItem, templates: "list[Emulator]",
-             synthetic: dict[int, bool]) -> dict[str, Any]:
-    from astra_dagster.methods.doppler import fit_star, select_templates
-    from astra_dagster.spectra.apogee import read_apvisit
-
-    visits = [row for row in item.payload["rows"] if row["file_format"] == "apVisit"]
-    if not visits:
-        raise ValueError(f"{item.source_id}: no apVisit spectra to measure")
-    visits.sort(key=lambda row: (row["mjd"] or 0, row["path"]))
-    # A source's spectra come from its newest release (the spectra asset), so one release.
-    release_pk = visits[0].get("release_pk")
-    chosen = select_templates(templates, config.templates, synthetic.get(release_pk), f"{item.source_id}: ")
-    star = fit_star([read_apvisit(row["path"]) for row in visits], chosen, vrange=config.vrange)
-    columns = ("vhelio", "vrel", "u_vrel", "teff", "u_teff", "logg", "u_logg", "fe_h", "u_fe_h", "chisq", "bc")
-    result: dict[str, Any] = {c: [_nan(getattr(v, c)) for v in star.visits] for c in columns}
-    result["bitmask_flag"] = [int(v.flags) for v in star.visits]
-    result["mjd"] = [row["mjd"] for row in visits]
-    result["vhelio_star"] = _nan(star.vhelio)
-    result["u_vhelio_star"] = _nan(star.u_vhelio)
-    result["vscatter"] = _nan(star.vscatter)
-    return result
-
-
 @dg.asset(
     partitions_def=SOURCE_BLOCKS,
     backfill_policy=RANGE_POLICY,
@@ -157,17 +110,9 @@ def doppler(
     # Worker processes read the template set once each from its file (not once per source).
     # The template set (read on first use, with Doppler's scipy) goes in the state: a memoised
     # run never reads it.
-    work = Work(_estimate, state=(config, doppler_templates, synthetic), setup=_worker_state,
-                setup_args=(config, str(doppler_templates.path), synthetic))
+    options = RVOptions(vrange=config.vrange, templates=config.templates)
+    templates = ReadOnFirstUse(lambda: doppler_templates.model.emulators)
+    work = Work(estimate_source, state=(options, templates, synthetic),
+                setup=worker_state, setup_args=(options, str(doppler_templates.path), synthetic),
+                preload=PRELOAD, cost=visits)
     return run_tasks(context, config, items, work, table="doppler", batch=True, partition_range=first_last)
-
-
-def _worker_state(config: EstimateRadialVelocity, path: str, synthetic: dict[int, bool]) -> tuple:
-    return config, TemplateSet.read(path).emulators, synthetic
-
-
-def _estimate(state: tuple, item: TaskItem) -> dict[str, Any]:
-    config, templates, synthetic = state
-    if isinstance(templates, LoadedModel):  # the step's own process: read when first needed
-        templates = templates.model.emulators
-    return estimate(config, item, templates, synthetic)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import signal
+import sys
+import types
 from collections import deque
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
@@ -40,11 +42,29 @@ def _worker_main(conn: Connection) -> None:
                        for r in results])
 
 
+@contextlib.contextmanager
+def _main_not_imported(needed: bool) -> Iterator[None]:
+    """multiprocessing re-imports the parent's ``__main__`` in every process it starts, for
+    functions defined there. A worker's functions live in modules, and the parent's ``__main__``
+    is the ``dagster`` CLI or a script that imports Dagster: ~0.8 s of every worker's start for
+    nothing. Hidden while a worker starts, unless the work itself is defined in ``__main__``."""
+    main = sys.modules.get("__main__")
+    if needed or main is None:
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class _Worker:
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, work: Work):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="astra-worker")
-        self.process.start()
+        with _main_not_imported(work.module == "__main__"):
+            self.process.start()
         child.close()
         self.job: tuple[list[int], list[Any], bool] | None = None
 
@@ -70,7 +90,7 @@ def _death(process: Any) -> str:
 
 class LocalPool:
     """``workers`` processes (forkserver: they start from a clean interpreter that has imported
-    the work's module once, not a fork of a threaded Dagster process)."""
+    the work's module and its ``preload`` once, not a fork of a threaded Dagster process)."""
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
@@ -79,11 +99,11 @@ class LocalPool:
             ) -> Iterator[tuple[list[int], list[ItemResult]]]:
         """Yield (indices, results) per job as jobs finish, in any order."""
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["astra_dagster.engines.work", work.module])
+        ctx.set_forkserver_preload(["astra_dagster.engines.work", work.module, *work.preload])
         pending: deque[tuple[list[int], list[Any], bool]] = deque((i, it, False) for i, it in jobs)
         pool: list[_Worker] = []
         try:
-            pool = [_Worker(ctx) for _ in range(min(self.workers, len(pending)))]
+            pool = [_Worker(ctx, work) for _ in range(min(self.workers, len(pending)))]
             while pending or any(w.job for w in pool):
                 for i, worker in enumerate(pool):
                     if worker.job is None and pending:
@@ -93,7 +113,7 @@ class LocalPool:
                         except (OSError, ValueError):  # it died while idle: no source was lost
                             pending.appendleft(job)
                             worker.stop()
-                            pool[i] = _Worker(ctx)
+                            pool[i] = _Worker(ctx, work)
                             continue
                         worker.job = job
                 busy = [w for w in pool if w.job]
@@ -113,7 +133,7 @@ class LocalPool:
                     worker.process.join(timeout=5)
                     cause = _death(worker.process)
                     worker.conn.close()
-                    pool[i] = _Worker(ctx)
+                    pool[i] = _Worker(ctx, work)
                     if len(items) > 1 or not retried:
                         # which of its sources killed it is unknown: each gets one more try, alone
                         pending.extendleft((([j], [item], True) for j, item in zip(indices, items, strict=True)))

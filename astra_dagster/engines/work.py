@@ -60,6 +60,12 @@ class Work:
     setup_args: tuple = ()
     chunk_function: Callable[[Any, list[Any]], list[ChunkResult]] | None = None
     chunk_size: int = 64
+    #: Modules a worker process needs besides the function's own (the method's science, which
+    #: the function imports lazily): imported once before the workers start, not once in each.
+    preload: tuple[str, ...] = ()
+    #: A relative estimate of an item's cost (e.g. its number of visits): a pool starts the
+    #: costliest first, so that the range does not end on one worker finishing a big source.
+    cost: Callable[[Any], float] | None = None
     #: Names this work's state in a worker's cache (a new Work, a new state).
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 

@@ -35,21 +35,11 @@ from astra_dagster.engines.work import ChunkResult, ItemResult, Work, run_job
 from astra_dagster.lineage import store
 from astra_dagster.lineage.config import AstraConfig
 from astra_dagster.lineage.identity import TaskIdentity
+from astra_dagster.lineage.items import TaskItem
 from astra_dagster.orchestration.guard import guard_step
 from astra_dagster.settings import Execution, get_execution
 
 __all__ = ["ChunkResult", "TaskBatch", "TaskItem", "Work", "run_tasks"]
-
-
-@dataclass
-class TaskItem:
-    """One unit of work: usually one source with its input spectra."""
-
-    payload: Any = None
-    source_pk: int | None = None
-    source_id: str | None = None
-    #: Extra identity parameters besides the config (e.g. an input fingerprint, a model task_id).
-    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,12 +250,22 @@ def _serial(work: Work, items: list[TaskItem], log: Any) -> Iterator[ItemResult]
         yield from run_job(work, items[start:start + step], local=True, log=log.warning)
 
 
-def _jobs(work: Work, n: int, workers: int) -> list[list[int]]:
-    """Index ranges of the jobs: chunks for vectorised work; otherwise a few sources each, so
-    every worker gets several jobs (balance) and a dead worker costs few sources."""
-    size = work.chunk_size if work.chunk_function is not None else max(1, min(8, n // (workers * 4)))
-    size = max(1, size)
-    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+def _jobs(work: Work, n: int, workers: int, order: Sequence[int] | None = None) -> list[list[int]]:
+    """Index lists of the jobs: chunks for vectorised work; otherwise a few sources each, so
+    every worker gets several jobs (balance) and a dead worker costs few sources, and smaller
+    jobs towards the end (guided), so that no worker idles long while another ends a big one.
+    ``order``: the indices in the order to compute them (default: as given)."""
+    order = list(range(n)) if order is None else list(order)
+    if work.chunk_function is not None:
+        size = max(1, work.chunk_size)
+        return [order[s:s + size] for s in range(0, n, size)]
+    cap = max(1, min(8, n // (workers * 4)))
+    jobs, start = [], 0
+    while start < n:
+        size = max(1, min(cap, (n - start) // (workers * 4)))
+        jobs.append(order[start:start + size])
+        start += size
+    return jobs
 
 
 def _engine(execution: Execution, work: Work, n_items: int) -> Any | None:
@@ -286,7 +286,10 @@ def _results(work: Work, items: list[TaskItem], engine: Any, workers: int, log: 
     if engine is None:
         yield from enumerate(_serial(work, items, log))
         return
-    jobs = [(indices, [items[i] for i in indices]) for indices in _jobs(work, len(items), workers)]
+    order = None
+    if work.cost is not None:  # costliest first: the last jobs are the quickest
+        order = sorted(range(len(items)), key=lambda i: -work.cost(items[i]))
+    jobs = [(indices, [items[i] for i in indices]) for indices in _jobs(work, len(items), workers, order)]
     for indices, results in engine.run(work, jobs):
         yield from zip(indices, results, strict=True)
 

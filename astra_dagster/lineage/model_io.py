@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import dagster as dg
 from astra_dagster.lineage import store
 from astra_dagster.lineage.batch import TaskBatch
 from astra_dagster.lineage.io_manager import AstraIOManager
+from astra_dagster.lineage.model_class import class_path, import_class
 from astra_dagster.settings import get_settings
 
 MODEL_TABLE = "model"
@@ -58,18 +58,6 @@ def checksum(path: Path) -> tuple[str, int]:
         digest.update(data)
         size += len(data)
     return digest.hexdigest(), size
-
-
-def class_path(obj: Any) -> str:
-    return f"{type(obj).__module__}:{type(obj).__qualname__}"
-
-
-def import_class(name: str) -> Any:
-    module, _, qualname = name.partition(":")
-    target: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        target = getattr(target, part)
-    return target
 
 
 class AstraModelIOManager(AstraIOManager):

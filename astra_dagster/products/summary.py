@@ -300,7 +300,7 @@ def _pick(conn: psycopg.Connection, spec: MethodSpec, release_pk: int | None, ru
 def _ordered_spectra(spec: MethodSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The spectra a result's arrays follow: the first combined row of each apStar file by
     (telescope, path) for the label methods (defs.labels.stacks_of), the apVisits by (MJD, path)
-    for doppler (defs.radial_velocity.estimate)."""
+    for doppler (tasks.doppler.estimate)."""
     if spec.element == "visit":
         visits = [r for r in rows if r["file_format"] == "apVisit"]
         return sorted(visits, key=lambda r: (r["mjd"] or 0, r["path"]))
