@@ -109,10 +109,20 @@ def test_l1_objective_no_worse_than_annieslasso(data: dict) -> None:
         r = F - D @ theta.T
         return np.sum(I * r * r, axis=0) + lam * np.abs(theta[:, 1:]).sum(axis=1)
 
-    assert np.all(objective(ours.theta) <= objective(ref.theta) * (1 + 1e-8))
-    # same solution up to L-BFGS's imprecision on the kinks of |θ| (measured 1e-3 to 6e-3 of
-    # the flux by training set; our objective is the lower one, checked above)
-    assert np.abs(ours.predict(data["L"]) - ref(data["L"])).max() < 1e-2
+    ours_f, ref_f = objective(ours.theta), objective(ref.theta)
+    assert np.all(ours_f <= ref_f * (1 + 1e-8))
+    # ours is the minimum: the subgradient conditions hold (intercept unpenalised; a non-zero
+    # coefficient's gradient balances λ·sign, a zero one's stays within ±λ) to 1 % of λ
+    theta = ours.theta.T
+    grad = -2.0 * D.T @ (I * (F - D @ theta))
+    assert np.abs(grad[0]).max() <= 0.01 * lam
+    slack = np.where(theta[1:] != 0, np.abs(grad[1:] + lam * np.sign(theta[1:])), np.abs(grad[1:]) - lam)
+    assert slack.max() <= 0.01 * lam, slack.max()
+    # so annieslasso's distance from it is its own shortfall: for a quadratic plus λ|θ|₁ at its
+    # minimum, f(θ) - f(θ*) >= Σ ivar (D(θ - θ*))², pixel by pixel (L-BFGS stops early on the
+    # kinks of |θ|; predicted fluxes then differ by up to ~0.015, measured)
+    step = D @ (ours.theta - ref.theta).T
+    assert np.all(np.sum(I * step * step, axis=0) <= ref_f - ours_f + 1e-5 * ours_f)
     assert (ours.theta[:, 1:] == 0).sum() > (np.abs(ref.theta[:, 1:]) < 1e-8).sum()
 
 

@@ -110,9 +110,11 @@ def test_accuracy_for_giants_and_dwarfs(fitted: dict) -> None:
 def test_hot_stars_are_flagged(fitted: dict) -> None:
     """8000-20000 K stars are outside the emulator: most are pinned at its Teff or logg bound
     (OUTSIDE_RANGE) or show Brackett lines it cannot make (HYDROGEN_LINES), and get no labels.
-    In Synspec physics a fast rotator at S/N ~50 can pass for a metal-poor giant with a modest χ²
-    (seen: 12,060 K, v sin i 119 km/s, fitted 5085 K, logg 1.4, [Fe/H] -2.1): a screen, not a
-    classifier. No giant or dwarf is caught by the hydrogen screen."""
+    In Synspec physics a fast rotator can pass for a metal-poor 5000-6500 K star with a modest χ²
+    (seen: 12,060 K, v sin i 119 km/s, fitted 5700 K, logg 2.5, [Fe/H] -1.8), but there the
+    training set has no stars (OUTSIDE_TRAINING), and the hydrogen screen's thresholds for a fit
+    outside the training set catch most. On an independent draw of 100 hot stars: 71 NULL, the
+    other 29 keep labels with OUTSIDE_TRAINING. No giant or dwarf is caught by the hydrogen screen."""
     data, rows = fitted["data"], fitted["rows"]
     hot = data.kind == "hot"
     assert hot.sum() >= 4
@@ -120,8 +122,12 @@ def test_hot_stars_are_flagged(fitted: dict) -> None:
     fatal = flags[hot] & tp.FATAL != 0
     assert fatal.mean() >= 0.8, flags[hot]
     assert all(rows[i]["teff"] is None and rows[i]["fe_h"] is None for i in np.flatnonzero(hot)[fatal])
+    # none written without a flag that says why not to trust it
+    assert np.all(fatal | (flags[hot] & tp.FLAGS["OUTSIDE_TRAINING"] != 0)), flags[hot]
     main = np.isin(data.kind, ("giant", "dwarf"))
     assert not np.any(flags[main] & tp.FLAGS["HYDROGEN_LINES"])
+    # the coverage test is a warning the main population rarely meets (7 of 388 on the draw above)
+    assert np.mean(flags[main] & tp.FLAGS["OUTSIDE_TRAINING"] != 0) <= 0.05
 
 
 def test_fit_spectra_rows_and_rv(model: tp.PayneModel) -> None:

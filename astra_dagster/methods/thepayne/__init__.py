@@ -42,6 +42,7 @@ Modules: :mod:`.flags` (FLAGS, thresholds, PayneError), :mod:`.model` (PayneMode
 from astra_dagster.methods.thepayne.fit import check_labels, fit_normalized, fit_spectra, row_labels
 from astra_dagster.methods.thepayne.flags import (
     BOUND_TOL,
+    COVERAGE_DISTANCE,
     FATAL,
     FLAGS,
     HIGH_CHI2,
@@ -77,6 +78,7 @@ from astra_dagster.methods.thepayne.training import (
 __all__ = [
     "BOUND_TOL",
     "COLUMNS",
+    "COVERAGE_DISTANCE",
     "DEFAULT_TRAINING",
     "EDGE_PIXELS",
     "FATAL",

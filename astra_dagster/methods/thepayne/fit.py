@@ -13,6 +13,7 @@ from scipy.optimize import least_squares
 from astra_dagster.methods import continuum, hydrogen, mismatch
 from astra_dagster.methods.thepayne.flags import (
     BOUND_TOL,
+    COVERAGE_DISTANCE,
     FATAL,
     FLAGS,
     HIGH_CHI2,
@@ -119,6 +120,13 @@ def row_labels(model: PayneModel, row: Mapping[str, Any]) -> list[float]:
     return out
 
 
+def coverage_distance(model: PayneModel, scaled: np.ndarray) -> float:
+    """Distance (scaled labels) from ``scaled`` to the third-nearest of the model's start points,
+    a random sample of its training labels: how far the fit lies from the stars it learnt from."""
+    d = np.sqrt(np.sum((model.start_points - np.asarray(scaled, dtype=float)) ** 2, axis=1))
+    return float(np.partition(d, 2)[2]) if d.size >= 3 else float("inf")
+
+
 def _clean(value: float) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
@@ -183,8 +191,11 @@ def fit_normalized(model: PayneModel, flux: np.ndarray, ivar: np.ndarray, *, con
         flag |= FLAGS["HIGH_CHI2"]
     if screen_mismatch and mismatch.is_poor_match(r_chi_sq, snr):
         flag |= FLAGS["POOR_MODEL_MATCH"]
+    outside = coverage_distance(model, p[:k]) > COVERAGE_DISTANCE
+    if outside:
+        flag |= FLAGS["OUTSIDE_TRAINING"]
     if hydrogen.has_hot_star_lines(apstar_wavelength()[model.pixels], flux,
-                                   model.predict_scaled(p[None, :k])[0], weight):
+                                   model.predict_scaled(p[None, :k])[0], weight, outside_hull=outside):
         flag |= FLAGS["HYDROGEN_LINES"]
     jac = prob.jacobian(p)
     try:
