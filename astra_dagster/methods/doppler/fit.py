@@ -31,6 +31,7 @@ from astra_dagster.methods.doppler.flags import (
 )
 from astra_dagster.methods.doppler.floors import _floor_vector
 from astra_dagster.methods.doppler.lm import _levenberg_marquardt, _LMResult
+from astra_dagster.methods.doppler.lsf import VisitMatcher
 from astra_dagster.methods.doppler.model import _VisitModel
 from astra_dagster.methods.doppler.prepare import _prepare, _Prepared, as_emulators
 from astra_dagster.methods.doppler.results import VisitRV
@@ -46,8 +47,8 @@ def _bounds(emulator: Emulator, n_params: int, v0: float, vrange: float) -> tupl
     return lower, upper
 
 
-def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, vrange: float
-                   ) -> tuple[_VisitModel, _LMResult, np.ndarray]:
+def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, vrange: float,
+                   match: VisitMatcher) -> tuple[_VisitModel, _LMResult, np.ndarray]:
     """From one CCF candidate to a converged joint fit.
 
     Labels (with the continuum) at the CCF velocity; a second CCF with those labels; then the
@@ -56,9 +57,11 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     [Fe/H] at the template's value in the first step, so that the weak narrow lines stay in the
     template, and get a χ²(v) scan at 1 km/s steps across the CCF uncertainty, where the narrow
     lines decide, before the joint fit.
+    The fit uses the candidate's family matched to the visit's LSF (``match``; the coarse CCF
+    only places the star, so it keeps the unmatched templates).
     Returns the model, the fit and the free-parameter mask.
     """
-    emulator = ccf.emulator
+    emulator = match(ccf.emulator)
     model = _VisitModel(prep, emulator, ccf.vrel)
     labels0 = emulator.clip(ccf.labels)
     coef, _ = model.solve_continuum(labels0, ccf.vrel)
@@ -186,6 +189,8 @@ class _VisitFit:
     prep: _Prepared | None = None
     model: _VisitModel | None = None
     lm: _LMResult | None = None
+    #: The visit's templates matched to its LSF (fit_star refits with them).
+    match: VisitMatcher | None = None
 
 
 def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: float,
@@ -195,6 +200,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     if flags & DopplerFlag.LOW_GOOD_PIXELS:
         return _VisitFit(_failed(prep, spectrum, flags, bc, prep.message), prep)
 
+    match = VisitMatcher(spectrum)
     candidates = _ccf(prep, emulators, vrange)
     ccf = candidates[0]
     if ccf.edge:
@@ -219,7 +225,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     def attempt(cand: _CCFResult) -> None:
         tried.append(cand)
         try:
-            model, res, free = _fit_candidate(prep, emulators, cand, vrange)
+            model, res, free = _fit_candidate(prep, emulators, cand, vrange, match)
         except DopplerError as exc:
             errors.append(str(exc))
             return
@@ -303,7 +309,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel),
         u_ccf_vrel=float(ccf.sigma_v), vsini=vsini,
     )
-    return _VisitFit(_judge(result) if judge else result, prep, model, res)
+    return _VisitFit(_judge(result) if judge else result, prep, model, res, match)
 
 
 def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,

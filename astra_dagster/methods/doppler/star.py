@@ -91,14 +91,17 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     ref_model = states[ref].model
     assert ref_model is not None
     emulator, vsini = ref_model.em, ref_model.vsini
+    # Each visit fits the reference family matched to its own LSF (.lsf): same name, own copy.
+    base = next(e for e in emulators if e.name == emulator.name)
     models = []
     for i in good:
         st = states[i]
         assert st.model is not None and st.prep is not None
-        if st.model.em is emulator and st.model.vsini == vsini:
+        if st.model.em.name == emulator.name and st.model.vsini == vsini:
             models.append(st.model)
         else:  # the visit's own fit used another family or broadening: same pixels, same rejections
-            other = _VisitModel(st.prep, emulator, results[i].vrel, vsini=vsini)
+            own = st.match(base) if st.match is not None else base
+            other = _VisitModel(st.prep, own, results[i].vrel, vsini=vsini)
             other.reject(st.model.rejected)
             models.append(other)
     same = [i for i in good if results[i].template == emulator.name]
