@@ -22,6 +22,8 @@ from astra_dagster.methods.doppler.flags import (
     CCF_MISMATCH_KMS,
     CCF_MISMATCH_SIGMA,
     CLIP_SIGMA,
+    EDGE_EXCURSION,
+    EDGE_RV_SIGMA,
     HIGH_CHISQ,
     MIN_GOOD_PIXELS,
     POOR_MATCH_RESIDUAL,
@@ -98,11 +100,47 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     return model, res, free
 
 
-def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
-    """True when any label is within 0.1 % of its range limit."""
+def _pinned(emulator: Emulator, labels: np.ndarray) -> np.ndarray:
+    """Per label: True when it is within 0.1 % of its range limit."""
     lo, hi = emulator.ranges[:, 0], emulator.ranges[:, 1]
     tol = 1e-3 * (hi - lo)
-    return bool(np.any((labels <= lo + tol) | (labels >= hi - tol)))
+    return (labels <= lo + tol) | (labels >= hi - tol)
+
+
+def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
+    """True when any label is within 0.1 % of its range limit."""
+    return bool(np.any(_pinned(emulator, labels)))
+
+
+def _edge_rv_shift(emulator: Emulator, labels: np.ndarray, cov: np.ndarray, iv: int,
+                   u_labels: np.ndarray, u_v: float) -> float:
+    """How far (in ``u_v``) the RV would move if a pinned label were free to go a plausible
+    excursion beyond its limit: ``|Σ_vL / Σ_LL|`` (the RV's regression on the label in the fit's
+    covariance ``cov``, the RV at index ``iv``) times max(3 ``u_labels``, EDGE_EXCURSION of the
+    label's range). 0 with no label pinned; inf when the covariance cannot tell."""
+    pinned = np.flatnonzero(_pinned(emulator, labels))
+    worst = 0.0
+    width = emulator.ranges[:, 1] - emulator.ranges[:, 0]
+    for k in pinned:
+        s_kk, s_vk = float(cov[k, k]), float(cov[iv, k])
+        if not (math.isfinite(s_kk) and s_kk > 0 and math.isfinite(s_vk) and u_v > 0):
+            return math.inf
+        excursion = max(3.0 * float(u_labels[k]), EDGE_EXCURSION * float(width[k]))
+        worst = max(worst, abs(s_vk / s_kk) * excursion / u_v)
+    return worst
+
+
+def _edge_flags(emulator: Emulator, labels: np.ndarray, cov: np.ndarray, iv: int, u_labels: np.ndarray,
+                u_v: float, judge: bool) -> tuple[int, float]:
+    """LABEL_AT_EDGE for a pinned label, with EDGE_RV when the RV depends on it (judged fits
+    only), and the RV shift in σ (:func:`_edge_rv_shift`)."""
+    if not _at_label_edge(emulator, labels):
+        return 0, 0.0
+    shift = _edge_rv_shift(emulator, labels, cov, iv, u_labels, u_v)
+    flags = DopplerFlag.LABEL_AT_EDGE
+    if judge and not shift <= EDGE_RV_SIGMA:
+        flags |= DopplerFlag.EDGE_RV
+    return int(flags), shift
 
 
 def _doubtful(res: _LMResult, emulator: Emulator, ccf: _CCFResult) -> bool:
@@ -137,7 +175,7 @@ def _excess_residual(chisq: float, snr: float) -> float:
 
 
 def _rv_doubts(vrel: float, ccf_vrel: float, u_ccf: float, chisq: float, snr: float) -> int:
-    """CCF_MISMATCH and POOR_MATCH bits of a fitted velocity (LABEL_AT_EDGE is set by the caller)."""
+    """CCF_MISMATCH and POOR_MATCH bits of a fitted velocity (EDGE_RV is set by the caller)."""
     flags = 0
     if math.isfinite(ccf_vrel) and abs(vrel - ccf_vrel) > _ccf_limit(u_ccf):
         flags |= DopplerFlag.CCF_MISMATCH
@@ -146,9 +184,10 @@ def _rv_doubts(vrel: float, ccf_vrel: float, u_ccf: float, chisq: float, snr: fl
     return int(flags)
 
 
-def _judge(result: VisitRV) -> VisitRV:
+def _judge(result: VisitRV, edge_shift: float = math.nan) -> VisitRV:
     """A result with any RV_DOUBTS bit becomes BAD_RV: velocity and labels NaN (as for the other
-    fatal flags), the rejected values in ``message``; χ², bc, S/N and the CCF peak stay."""
+    fatal flags), the rejected values in ``message``; χ², bc, S/N and the CCF peak stay.
+    ``edge_shift``: the RV shift (σ) a pinned label's excursion implies, for the message."""
     doubts = result.flags & RV_DOUBTS
     if not doubts:
         return result
@@ -156,9 +195,10 @@ def _judge(result: VisitRV) -> VisitRV:
     if doubts & DopplerFlag.CCF_MISMATCH:
         why.append(f"{abs(result.vrel - result.ccf_vrel):.1f} km/s from the CCF peak at "
                    f"{result.ccf_vrel:.1f} km/s (limit {_ccf_limit(result.u_ccf_vrel):.1f})")
-    if doubts & DopplerFlag.LABEL_AT_EDGE:
+    if doubts & DopplerFlag.EDGE_RV:
         why.append(f"labels ({result.teff:.0f} K, {result.logg:.2f}, {result.fe_h:+.2f}) at a limit of "
-                   f"the {result.template} templates")
+                   f"the {result.template} templates, and the RV depends on them (a plausible excursion "
+                   f"beyond the limit moves it by {edge_shift:.1f}σ; limit {EDGE_RV_SIGMA:g}σ)")
     if doubts & DopplerFlag.POOR_MATCH:
         why.append(f"residuals {100 * _excess_residual(result.chisq, result.snr):.1f} % of the continuum "
                    f"beyond the noise (χ²_red {result.chisq:.1f}; limit {100 * POOR_MATCH_RESIDUAL:g} %)")
@@ -298,8 +338,8 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     if scan_edge:
         flags |= DopplerFlag.RV_SCAN_EDGE
     labels = res.p[:3]
-    if _at_label_edge(emulator, labels):
-        flags |= DopplerFlag.LABEL_AT_EDGE
+    edge, edge_shift = _edge_flags(emulator, labels, res.cov, 3, err[:3], float(err[3]), judge)
+    flags |= edge
     if judge:
         flags |= _rv_doubts(vrel, float(ccf.vrel), float(ccf.sigma_v), float(chisq), prep.snr)
     result = VisitRV(
@@ -309,7 +349,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel),
         u_ccf_vrel=float(ccf.sigma_v), vsini=vsini,
     )
-    return _VisitFit(_judge(result) if judge else result, prep, model, res, match)
+    return _VisitFit(_judge(result, edge_shift) if judge else result, prep, model, res, match)
 
 
 def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
@@ -323,7 +363,8 @@ def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
     input that cannot be fitted at all (not a Spectrum, wavelengths outside the templates,
     unsorted wavelengths) raises :class:`DopplerError` (:class:`UnsupportedSpectrumError` for
     wavelengths outside the templates). A fit whose RV is doubtful (:data:`RV_DOUBTS`: far from
-    the CCF peak, a label on its template limit, residuals far beyond the noise) gets ``BAD_RV``
+    the CCF peak, a label on its template limit that the RV depends on, residuals far beyond the
+    noise) gets ``BAD_RV``
     and NaN velocity and labels; ``reject_doubtful=False`` keeps them (error-floor calibration
     measures template mismatch on every fit).
     """

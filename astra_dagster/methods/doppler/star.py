@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from astra_dagster.methods.doppler.emulator import Emulator
-from astra_dagster.methods.doppler.fit import _at_label_edge, _fine_rv, _fit_visit_state, _judge, _rv_doubts
+from astra_dagster.methods.doppler.fit import _edge_flags, _fine_rv, _fit_visit_state, _judge, _rv_doubts
 from astra_dagster.methods.doppler.flags import FATAL_FLAGS, HIGH_CHISQ, DopplerError, DopplerFlag
 from astra_dagster.methods.doppler.floors import _floor_vector, error_floors
 from astra_dagster.methods.doppler.lm import _lm_normal
@@ -137,8 +137,6 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         star_flags |= DopplerFlag.NOT_CONVERGED
     if chisq > HIGH_CHISQ:
         star_flags |= DopplerFlag.HIGH_CHISQ
-    if _at_label_edge(emulator, res.p[:3]):
-        star_flags |= DopplerFlag.LABEL_AT_EDGE
 
     for k, (i, model) in enumerate(zip(good, models, strict=True)):
         p_i = split(res.p, k)
@@ -148,10 +146,13 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         vrel, scan_edge = _fine_rv(model, p_i, u_v)
         u_v = math.hypot(u_v, error_floors(emulator)["vrel"])
         old = results[i]
-        flags = (old.flags & ~int(DopplerFlag.LABEL_AT_EDGE | DopplerFlag.NOT_CONVERGED
+        flags = (old.flags & ~int(DopplerFlag.LABEL_AT_EDGE | DopplerFlag.EDGE_RV | DopplerFlag.NOT_CONVERGED
                                   | DopplerFlag.HIGH_CHISQ | DopplerFlag.RV_SCAN_EDGE)) | star_flags
         if scan_edge:
             flags |= DopplerFlag.RV_SCAN_EDGE
+        # The joint labels on a limit: a warning, or EDGE_RV where this visit's RV depends on them.
+        edge, edge_shift = _edge_flags(emulator, res.p[:3], res.cov, 3 + k, u_labels, u_v, reject_doubtful)
+        flags |= edge
         if reject_doubtful:
             flags |= _rv_doubts(vrel, old.ccf_vrel, old.u_ccf_vrel, chisq_i, old.snr)
         visit = VisitRV(
@@ -161,7 +162,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
             flags=int(flags), snr=old.snr, template=emulator.name, n_pixels=model.n_used,
             ccf_vrel=old.ccf_vrel, u_ccf_vrel=old.u_ccf_vrel, vsini=vsini,
         )
-        results[i] = _judge(visit) if reject_doubtful else visit
+        results[i] = _judge(visit, edge_shift) if reject_doubtful else visit
 
     vh = np.array([results[i].vhelio for i in good])
     uv = np.array([results[i].u_vrel for i in good])
