@@ -321,15 +321,21 @@ def test_a_pinned_label_the_rv_depends_on_rejects_the_rv(shifting_emulator) -> N
     kept = fit_visit(spec, shifting_emulator, reject_doubtful=False)
     assert kept.flags & DopplerFlag.LABEL_AT_EDGE and not kept.flags & (DopplerFlag.BAD_RV | DopplerFlag.EDGE_RV)
     assert kept.ok and kept.logg == pytest.approx(3.0) and kept.vrel - 40.0 > 10 * kept.u_vrel
-    # The rule itself: RV regression on the pinned label × max(3σ, a quarter of its range), in σ_v.
+    # The rule itself: the RV's regression on the pinned label × how far beyond the limit the
+    # unconstrained minimum lies (at least 3σ), in σ_v.
     cov = np.eye(4)
     cov[1, 3] = cov[3, 1] = 0.9 * 0.05 * 0.03  # corr 0.9, σ_logg 0.05, σ_v 0.03
     cov[1, 1], cov[3, 3] = 0.05**2, 0.03**2
     labels = np.array([5000.0, 3.0, -0.3])
     u = np.array([10.0, 0.05, 0.01])
-    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03) == pytest.approx(0.9 / 0.05 * 0.25)
+    slope = 0.9 * 0.03 / 0.05  # km/s per dex
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03) == pytest.approx(slope * 0.15 / 0.03)
+    outward = np.array([0.0, 0.6, 0.0, 0.0])
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03, outward) == pytest.approx(slope * 0.6 / 0.03)
+    # a step back into the range says nothing about how far beyond: the 3σ floor
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03, -outward) == pytest.approx(slope * 0.15 / 0.03)
     cov[1, 3] = cov[3, 1] = 0.0
-    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03) == 0.0
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03, outward) == 0.0
     assert _edge_rv_shift(shifting_emulator, np.array([5000.0, 2.5, -0.3]), cov, 3, u, 0.03) == 0.0
 
 

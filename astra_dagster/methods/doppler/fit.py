@@ -22,7 +22,6 @@ from astra_dagster.methods.doppler.flags import (
     CCF_MISMATCH_KMS,
     CCF_MISMATCH_SIGMA,
     CLIP_SIGMA,
-    EDGE_EXCURSION,
     EDGE_RV_SIGMA,
     HIGH_CHISQ,
     MIN_GOOD_PIXELS,
@@ -113,34 +112,47 @@ def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
 
 
 def _edge_rv_shift(emulator: Emulator, labels: np.ndarray, cov: np.ndarray, iv: int,
-                   u_labels: np.ndarray, u_v: float) -> float:
+                   u_labels: np.ndarray, u_v: float, step: np.ndarray | None = None) -> float:
     """How far (in ``u_v``) the RV would move if a pinned label were free to go a plausible
     excursion beyond its limit: ``|Σ_vL / Σ_LL|`` (the RV's regression on the label in the fit's
-    covariance ``cov``, the RV at index ``iv``) times max(3 ``u_labels``, EDGE_EXCURSION of the
-    label's range). 0 with no label pinned; inf when the covariance cannot tell."""
-    pinned = np.flatnonzero(_pinned(emulator, labels))
+    covariance ``cov``, the RV at index ``iv``) times the excursion: how far beyond the limit
+    the unconstrained minimum lies (the outward part of the Gauss-Newton ``step`` from the
+    boundary solution), at least 3 ``u_labels``. 0 with no label pinned; inf when the
+    covariance cannot tell."""
+    lo = emulator.ranges[:, 0]
     worst = 0.0
-    width = emulator.ranges[:, 1] - emulator.ranges[:, 0]
-    for k in pinned:
+    for k in np.flatnonzero(_pinned(emulator, labels)):
         s_kk, s_vk = float(cov[k, k]), float(cov[iv, k])
         if not (math.isfinite(s_kk) and s_kk > 0 and math.isfinite(s_vk) and u_v > 0):
             return math.inf
-        excursion = max(3.0 * float(u_labels[k]), EDGE_EXCURSION * float(width[k]))
+        beyond = 0.0
+        if step is not None and math.isfinite(step[k]):
+            outward = -1.0 if labels[k] <= lo[k] + 1e-3 * (emulator.ranges[k, 1] - lo[k]) else 1.0
+            beyond = max(outward * float(step[k]), 0.0)
+        excursion = max(3.0 * float(u_labels[k]), beyond)
         worst = max(worst, abs(s_vk / s_kk) * excursion / u_v)
     return worst
 
 
 def _edge_flags(emulator: Emulator, labels: np.ndarray, cov: np.ndarray, iv: int, u_labels: np.ndarray,
-                u_v: float, judge: bool) -> tuple[int, float]:
+                u_v: float, judge: bool, step: Any = None) -> tuple[int, float]:
     """LABEL_AT_EDGE for a pinned label, with EDGE_RV when the RV depends on it (judged fits
-    only), and the RV shift in σ (:func:`_edge_rv_shift`)."""
+    only), and the RV shift in σ (:func:`_edge_rv_shift`). ``step``: a callable giving the
+    Gauss-Newton step from the solution (computed only when a label is pinned)."""
     if not _at_label_edge(emulator, labels):
         return 0, 0.0
-    shift = _edge_rv_shift(emulator, labels, cov, iv, u_labels, u_v)
+    shift = _edge_rv_shift(emulator, labels, cov, iv, u_labels, u_v, step() if step is not None else None)
     flags = DopplerFlag.LABEL_AT_EDGE
     if judge and not shift <= EDGE_RV_SIGMA:
         flags |= DopplerFlag.EDGE_RV
     return int(flags), shift
+
+
+def _gauss_newton_step(model: _VisitModel, res: _LMResult) -> np.ndarray:
+    """The unconstrained step ``cov Jᵀr`` from a fit's solution (where a bound-free fit would go)."""
+    r, jac = model.residuals(res.p)
+    assert jac is not None
+    return res.cov @ (jac.T @ r)
 
 
 def _doubtful(res: _LMResult, emulator: Emulator, ccf: _CCFResult) -> bool:
@@ -338,7 +350,8 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     if scan_edge:
         flags |= DopplerFlag.RV_SCAN_EDGE
     labels = res.p[:3]
-    edge, edge_shift = _edge_flags(emulator, labels, res.cov, 3, err[:3], float(err[3]), judge)
+    edge, edge_shift = _edge_flags(emulator, labels, res.cov, 3, err[:3], float(err[3]), judge,
+                                   lambda: _gauss_newton_step(model, res))
     flags |= edge
     if judge:
         flags |= _rv_doubts(vrel, float(ccf.vrel), float(ccf.sigma_v), float(chisq), prep.snr)

@@ -33,12 +33,12 @@ CCF_MISMATCH_SIGMA = 5.0
 #: spectra on Synspec templates ≤ 0.029.
 POOR_MATCH_RESIDUAL = 0.05
 #: A label pinned on its template limit makes the RV untrusted only when the RV depends on it:
-#: when a plausible excursion of the label beyond the limit, the larger of 3σ and this fraction
-#: of the family's range, would move the RV (by the fit's covariance, Σ_vL/Σ_LL) by more than
-#: EDGE_RV_SIGMA of its uncertainty. Measured: the seed-3 release's hot star pinned at logg 3.50
-#: 0.21σ (RV 0.4σ from the truth); real apVisit 5095 pinned at Teff 6493 K (generator templates)
-#: 0.02σ; a toy family whose lines shift 1.5 km/s per dex of logg, pinned, ~10σ.
-EDGE_EXCURSION = 0.25
+#: when the label's plausible excursion beyond the limit (how far beyond it the unconstrained
+#: minimum lies, at least 3σ) would move the RV, by the fit's covariance (Σ_vL/Σ_LL), by more
+#: than EDGE_RV_SIGMA of its uncertainty. Measured: the seed-3 release's hot star pinned at logg
+#: 3.50, 0.17σ (its RV 0.4σ from the truth); a seed-1 YSO pinned at the warm family's 3851 K,
+#: < 1σ (RVs within 0.04 km/s); real apVisit 5095 pinned at Teff 6493 K (generator templates),
+#: 0.01σ; a toy family whose lines shift 1.5 km/s per dex of logg, pinned 0.6 dex short, 25σ.
 EDGE_RV_SIGMA = 1.0
 #: APOGEE chip boundaries (Å, vacuum): the middles of the two detector gaps.
 APOGEE_CHIP_EDGES = (15833.0, 16454.0)
@@ -78,7 +78,7 @@ class DopplerFlag(enum.IntFlag):
     CCF_MISMATCH = 1 << 15        # fitted RV > max(CCF_MISMATCH_KMS, CCF_MISMATCH_SIGMA σ) from the CCF peak
     POOR_MATCH = 1 << 16          # residuals beyond the noise > POOR_MATCH_RESIDUAL of the continuum
     BAD_RV = 1 << 17              # the fit ran but its RV is not trusted (RV_DOUBTS): velocity NaN
-    EDGE_RV = 1 << 18             # the RV depends on a label at its limit (EDGE_EXCURSION, EDGE_RV_SIGMA)
+    EDGE_RV = 1 << 18             # the RV depends on a label at its limit (by more than EDGE_RV_SIGMA)
 
 
 #: Flags that leave the velocity unmeasured (NaN).

@@ -138,6 +138,15 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     if chisq > HIGH_CHISQ:
         star_flags |= DopplerFlag.HIGH_CHISQ
 
+    gn_step: list[np.ndarray] = []
+
+    def step() -> np.ndarray:
+        """The joint fit's unconstrained Gauss-Newton step (once, only when a label is pinned)."""
+        if not gn_step:
+            _, _, g, _ = fun(res.p, True)
+            gn_step.append(res.cov @ g)
+        return gn_step[0]
+
     for k, (i, model) in enumerate(zip(good, models, strict=True)):
         p_i = split(res.p, k)
         r_i, _ = model.residuals(p_i, False)
@@ -151,7 +160,8 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         if scan_edge:
             flags |= DopplerFlag.RV_SCAN_EDGE
         # The joint labels on a limit: a warning, or EDGE_RV where this visit's RV depends on them.
-        edge, edge_shift = _edge_flags(emulator, res.p[:3], res.cov, 3 + k, u_labels, u_v, reject_doubtful)
+        edge, edge_shift = _edge_flags(emulator, res.p[:3], res.cov, 3 + k, u_labels, u_v, reject_doubtful,
+                                       step)
         flags |= edge
         if reject_doubtful:
             flags |= _rv_doubts(vrel, old.ccf_vrel, old.u_ccf_vrel, chisq_i, old.snr)
