@@ -258,19 +258,85 @@ def test_rv_doubt_thresholds() -> None:
     assert _rv_doubts(0.0, 0.0, 0.1, 50.0, math.nan) == 0  # no S/N: not judged
 
 
-def test_a_label_on_its_template_limit_rejects_the_rv(emulator) -> None:
-    # [Fe/H] = +0.9 lies beyond the toy templates' +0.5: the fit ends on the limit.
+@pytest.fixture(scope="module")
+def shifting_emulator():
+    """Toy templates whose lines move 1.5 km/s per dex of logg (a gravitational redshift the
+    family has, over logg 2-3 only): a star beyond logg 3 pinned there has its RV pulled."""
+    from astra_dagster.methods.doppler import TEMPLATE_LOG10_STEP, template_log10_grid, train_cannon
+    from astra_dagster.spectra.toy_templates import TOY_RANGES, toy_flux
+
+    start, n = template_log10_grid()
+    wave = 10 ** (start + TEMPLATE_LOG10_STEP * np.arange(n))
+    ranges = TOY_RANGES.copy()
+    ranges[1] = (2.0, 3.0)
+    rng = np.random.default_rng(7)
+    labels = np.column_stack([rng.uniform(*ranges[i], 120) for i in range(3)])
+    flux = np.array([toy_flux(wave, lab, _SHIFT_PER_DEX * (lab[1] - 2.5)) for lab in labels])
+    return train_cannon(flux, labels, name="toy-shift", log10_start=start, log10_step=TEMPLATE_LOG10_STEP,
+                        ranges=ranges, meta={"source": "toy"})
+
+
+_SHIFT_PER_DEX = 1.5
+
+
+def _shifting_visit(logg: float, v: float, snr: float, rng: np.random.Generator, **kw) -> Spectrum:
+    """A star at ``v`` in the shifting family's frame: its lines sit a further shift(logg)."""
+    return toy_visit(np.array([5000.0, logg, -0.3]), v + _SHIFT_PER_DEX * (logg - 2.5), snr, rng, **kw)
+
+
+def test_a_pinned_label_the_rv_does_not_depend_on_keeps_the_velocity(emulator) -> None:
+    # [Fe/H] = +0.9 lies beyond the toy templates' +0.5: the fit ends on the limit, but the
+    # toy lines do not move with [Fe/H], so the RV is as good as a minimum's: a warning only.
     spec = toy_visit(np.array([5000.0, 2.5, 0.9]), 40.0, 100, np.random.default_rng(5))
     result = fit_visit(spec, emulator)
-    assert result.flags & DopplerFlag.LABEL_AT_EDGE and result.flags & DopplerFlag.BAD_RV
-    assert not result.ok and result.flags & FATAL_FLAGS
+    assert result.flags & DopplerFlag.LABEL_AT_EDGE and result.ok
+    assert not result.flags & (DopplerFlag.EDGE_RV | DopplerFlag.BAD_RV)
+    assert result.fe_h == pytest.approx(0.5) and abs(result.vrel - 40.0) < 4 * result.u_vrel
+    # The joint fit over visits judges its common labels the same way, visit by visit.
+    rng = np.random.default_rng(9)
+    visits = [toy_visit(np.array([5000.0, 2.5, 0.9]), v, 80, rng, continuum_seed=i)
+              for i, v in enumerate((-20.0, 15.0))]
+    star = fit_star(visits, emulator)
+    assert star.n_good_visits == 2 and star.flags & DopplerFlag.LABEL_AT_EDGE and np.isfinite(star.vhelio)
+    for visit, v in zip(star.visits, (-20.0, 15.0), strict=True):
+        assert visit.ok and visit.flags & DopplerFlag.LABEL_AT_EDGE and abs(visit.vrel - v) < 4 * visit.u_vrel
+
+
+def test_a_pinned_label_the_rv_depends_on_rejects_the_rv(shifting_emulator) -> None:
+    from astra_dagster.methods.doppler.fit import _edge_rv_shift
+
+    # Inside the range the fit is a minimum: no flag, the RV at the truth.
+    inside = fit_visit(_shifting_visit(2.7, 40.0, 100, np.random.default_rng(5)), shifting_emulator)
+    assert inside.flags == 0 and abs(inside.vrel - 40.0) < 4 * inside.u_vrel
+    # logg 3.6 pins at 3.0 and the RV takes up the rest of the shift (0.9 km/s, ~30σ).
+    spec = _shifting_visit(3.6, 40.0, 100, np.random.default_rng(5))
+    result = fit_visit(spec, shifting_emulator)
+    assert result.flags & DopplerFlag.LABEL_AT_EDGE and result.flags & DopplerFlag.EDGE_RV
+    assert result.flags & DopplerFlag.BAD_RV and not result.ok and result.flags & FATAL_FLAGS
     assert all(math.isnan(getattr(result, k)) for k in ("vrel", "u_vrel", "vhelio", "teff", "fe_h"))
-    assert "rejected" in result.message and "limit of the toy templates" in result.message
+    assert "rejected" in result.message and "limit of the toy-shift templates" in result.message
+    assert "the RV depends on them" in result.message
     assert np.isfinite(result.chisq) and np.isfinite(result.ccf_vrel)
     # The checks can be left out (the error-floor calibration does): the fit itself is kept.
-    kept = fit_visit(spec, emulator, reject_doubtful=False)
-    assert kept.flags & DopplerFlag.LABEL_AT_EDGE and not kept.flags & DopplerFlag.BAD_RV
-    assert kept.ok and kept.fe_h == pytest.approx(0.5)
+    kept = fit_visit(spec, shifting_emulator, reject_doubtful=False)
+    assert kept.flags & DopplerFlag.LABEL_AT_EDGE and not kept.flags & (DopplerFlag.BAD_RV | DopplerFlag.EDGE_RV)
+    assert kept.ok and kept.logg == pytest.approx(3.0) and kept.vrel - 40.0 > 10 * kept.u_vrel
+    # The rule itself: the RV's regression on the pinned label × how far beyond the limit the
+    # unconstrained minimum lies (at least 3σ), in σ_v.
+    cov = np.eye(4)
+    cov[1, 3] = cov[3, 1] = 0.9 * 0.05 * 0.03  # corr 0.9, σ_logg 0.05, σ_v 0.03
+    cov[1, 1], cov[3, 3] = 0.05**2, 0.03**2
+    labels = np.array([5000.0, 3.0, -0.3])
+    u = np.array([10.0, 0.05, 0.01])
+    slope = 0.9 * 0.03 / 0.05  # km/s per dex
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03) == pytest.approx(slope * 0.15 / 0.03)
+    outward = np.array([0.0, 0.6, 0.0, 0.0])
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03, outward) == pytest.approx(slope * 0.6 / 0.03)
+    # a step back into the range says nothing about how far beyond: the 3σ floor
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03, -outward) == pytest.approx(slope * 0.15 / 0.03)
+    cov[1, 3] = cov[3, 1] = 0.0
+    assert _edge_rv_shift(shifting_emulator, labels, cov, 3, u, 0.03, outward) == 0.0
+    assert _edge_rv_shift(shifting_emulator, np.array([5000.0, 2.5, -0.3]), cov, 3, u, 0.03) == 0.0
 
 
 def test_residuals_far_beyond_the_noise_reject_the_rv(emulator) -> None:
@@ -286,11 +352,10 @@ def test_residuals_far_beyond_the_noise_reject_the_rv(emulator) -> None:
     assert math.isnan(result.vhelio) and "of the continuum beyond the noise" in result.message
 
 
-def test_fit_star_with_every_visit_rejected(emulator) -> None:
+def test_fit_star_with_every_visit_rejected(shifting_emulator) -> None:
     rng = np.random.default_rng(9)
-    visits = [toy_visit(np.array([5000.0, 2.5, 0.9]), v, 80, rng, continuum_seed=i)
-              for i, v in enumerate((-20.0, 15.0))]
-    star = fit_star(visits, emulator)
+    visits = [_shifting_visit(3.6, v, 80, rng, continuum_seed=i) for i, v in enumerate((-20.0, 15.0))]
+    star = fit_star(visits, shifting_emulator)
     assert star.flags & DopplerFlag.NO_GOOD_VISITS and math.isnan(star.vhelio)
     assert all(v.flags & DopplerFlag.BAD_RV and math.isnan(v.vhelio) for v in star.visits)
 

@@ -22,6 +22,7 @@ from astra_dagster.methods.doppler.flags import (
     CCF_MISMATCH_KMS,
     CCF_MISMATCH_SIGMA,
     CLIP_SIGMA,
+    EDGE_RV_SIGMA,
     HIGH_CHISQ,
     MIN_GOOD_PIXELS,
     POOR_MATCH_RESIDUAL,
@@ -31,6 +32,7 @@ from astra_dagster.methods.doppler.flags import (
 )
 from astra_dagster.methods.doppler.floors import _floor_vector
 from astra_dagster.methods.doppler.lm import _levenberg_marquardt, _LMResult
+from astra_dagster.methods.doppler.lsf import VisitMatcher
 from astra_dagster.methods.doppler.model import _VisitModel
 from astra_dagster.methods.doppler.prepare import _prepare, _Prepared, as_emulators
 from astra_dagster.methods.doppler.results import VisitRV
@@ -46,8 +48,8 @@ def _bounds(emulator: Emulator, n_params: int, v0: float, vrange: float) -> tupl
     return lower, upper
 
 
-def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, vrange: float
-                   ) -> tuple[_VisitModel, _LMResult, np.ndarray]:
+def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, vrange: float,
+                   match: VisitMatcher) -> tuple[_VisitModel, _LMResult, np.ndarray]:
     """From one CCF candidate to a converged joint fit.
 
     Labels (with the continuum) at the CCF velocity; a second CCF with those labels; then the
@@ -56,9 +58,11 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     [Fe/H] at the template's value in the first step, so that the weak narrow lines stay in the
     template, and get a χ²(v) scan at 1 km/s steps across the CCF uncertainty, where the narrow
     lines decide, before the joint fit.
+    The fit uses the candidate's family matched to the visit's LSF (``match``; the coarse CCF
+    only places the star, so it keeps the unmatched templates).
     Returns the model, the fit and the free-parameter mask.
     """
-    emulator = ccf.emulator
+    emulator = match(ccf.emulator)
     model = _VisitModel(prep, emulator, ccf.vrel)
     labels0 = emulator.clip(ccf.labels)
     coef, _ = model.solve_continuum(labels0, ccf.vrel)
@@ -95,11 +99,60 @@ def _fit_candidate(prep: _Prepared, emulators: list[Emulator], ccf: _CCFResult, 
     return model, res, free
 
 
-def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
-    """True when any label is within 0.1 % of its range limit."""
+def _pinned(emulator: Emulator, labels: np.ndarray) -> np.ndarray:
+    """Per label: True when it is within 0.1 % of its range limit."""
     lo, hi = emulator.ranges[:, 0], emulator.ranges[:, 1]
     tol = 1e-3 * (hi - lo)
-    return bool(np.any((labels <= lo + tol) | (labels >= hi - tol)))
+    return (labels <= lo + tol) | (labels >= hi - tol)
+
+
+def _at_label_edge(emulator: Emulator, labels: np.ndarray) -> bool:
+    """True when any label is within 0.1 % of its range limit."""
+    return bool(np.any(_pinned(emulator, labels)))
+
+
+def _edge_rv_shift(emulator: Emulator, labels: np.ndarray, cov: np.ndarray, iv: int,
+                   u_labels: np.ndarray, u_v: float, step: np.ndarray | None = None) -> float:
+    """How far (in ``u_v``) the RV would move if a pinned label were free to go a plausible
+    excursion beyond its limit: ``|Σ_vL / Σ_LL|`` (the RV's regression on the label in the fit's
+    covariance ``cov``, the RV at index ``iv``) times the excursion: how far beyond the limit
+    the unconstrained minimum lies (the outward part of the Gauss-Newton ``step`` from the
+    boundary solution), at least 3 ``u_labels``. 0 with no label pinned; inf when the
+    covariance cannot tell."""
+    lo = emulator.ranges[:, 0]
+    worst = 0.0
+    for k in np.flatnonzero(_pinned(emulator, labels)):
+        s_kk, s_vk = float(cov[k, k]), float(cov[iv, k])
+        if not (math.isfinite(s_kk) and s_kk > 0 and math.isfinite(s_vk) and u_v > 0):
+            return math.inf
+        beyond = 0.0
+        if step is not None and math.isfinite(step[k]):
+            outward = -1.0 if labels[k] <= lo[k] + 1e-3 * (emulator.ranges[k, 1] - lo[k]) else 1.0
+            beyond = max(outward * float(step[k]), 0.0)
+        excursion = max(3.0 * float(u_labels[k]), beyond)
+        worst = max(worst, abs(s_vk / s_kk) * excursion / u_v)
+    return worst
+
+
+def _edge_flags(emulator: Emulator, labels: np.ndarray, cov: np.ndarray, iv: int, u_labels: np.ndarray,
+                u_v: float, judge: bool, step: Any = None) -> tuple[int, float]:
+    """LABEL_AT_EDGE for a pinned label, with EDGE_RV when the RV depends on it (judged fits
+    only), and the RV shift in σ (:func:`_edge_rv_shift`). ``step``: a callable giving the
+    Gauss-Newton step from the solution (computed only when a label is pinned)."""
+    if not _at_label_edge(emulator, labels):
+        return 0, 0.0
+    shift = _edge_rv_shift(emulator, labels, cov, iv, u_labels, u_v, step() if step is not None else None)
+    flags = DopplerFlag.LABEL_AT_EDGE
+    if judge and not shift <= EDGE_RV_SIGMA:
+        flags |= DopplerFlag.EDGE_RV
+    return int(flags), shift
+
+
+def _gauss_newton_step(model: _VisitModel, res: _LMResult) -> np.ndarray:
+    """The unconstrained step ``cov Jᵀr`` from a fit's solution (where a bound-free fit would go)."""
+    r, jac = model.residuals(res.p)
+    assert jac is not None
+    return res.cov @ (jac.T @ r)
 
 
 def _doubtful(res: _LMResult, emulator: Emulator, ccf: _CCFResult) -> bool:
@@ -134,7 +187,7 @@ def _excess_residual(chisq: float, snr: float) -> float:
 
 
 def _rv_doubts(vrel: float, ccf_vrel: float, u_ccf: float, chisq: float, snr: float) -> int:
-    """CCF_MISMATCH and POOR_MATCH bits of a fitted velocity (LABEL_AT_EDGE is set by the caller)."""
+    """CCF_MISMATCH and POOR_MATCH bits of a fitted velocity (EDGE_RV is set by the caller)."""
     flags = 0
     if math.isfinite(ccf_vrel) and abs(vrel - ccf_vrel) > _ccf_limit(u_ccf):
         flags |= DopplerFlag.CCF_MISMATCH
@@ -143,9 +196,10 @@ def _rv_doubts(vrel: float, ccf_vrel: float, u_ccf: float, chisq: float, snr: fl
     return int(flags)
 
 
-def _judge(result: VisitRV) -> VisitRV:
+def _judge(result: VisitRV, edge_shift: float = math.nan) -> VisitRV:
     """A result with any RV_DOUBTS bit becomes BAD_RV: velocity and labels NaN (as for the other
-    fatal flags), the rejected values in ``message``; χ², bc, S/N and the CCF peak stay."""
+    fatal flags), the rejected values in ``message``; χ², bc, S/N and the CCF peak stay.
+    ``edge_shift``: the RV shift (σ) a pinned label's excursion implies, for the message."""
     doubts = result.flags & RV_DOUBTS
     if not doubts:
         return result
@@ -153,9 +207,10 @@ def _judge(result: VisitRV) -> VisitRV:
     if doubts & DopplerFlag.CCF_MISMATCH:
         why.append(f"{abs(result.vrel - result.ccf_vrel):.1f} km/s from the CCF peak at "
                    f"{result.ccf_vrel:.1f} km/s (limit {_ccf_limit(result.u_ccf_vrel):.1f})")
-    if doubts & DopplerFlag.LABEL_AT_EDGE:
+    if doubts & DopplerFlag.EDGE_RV:
         why.append(f"labels ({result.teff:.0f} K, {result.logg:.2f}, {result.fe_h:+.2f}) at a limit of "
-                   f"the {result.template} templates")
+                   f"the {result.template} templates, and the RV depends on them (a plausible excursion "
+                   f"beyond the limit moves it by {edge_shift:.1f}σ; limit {EDGE_RV_SIGMA:g}σ)")
     if doubts & DopplerFlag.POOR_MATCH:
         why.append(f"residuals {100 * _excess_residual(result.chisq, result.snr):.1f} % of the continuum "
                    f"beyond the noise (χ²_red {result.chisq:.1f}; limit {100 * POOR_MATCH_RESIDUAL:g} %)")
@@ -186,6 +241,8 @@ class _VisitFit:
     prep: _Prepared | None = None
     model: _VisitModel | None = None
     lm: _LMResult | None = None
+    #: The visit's templates matched to its LSF (fit_star refits with them).
+    match: VisitMatcher | None = None
 
 
 def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: float,
@@ -195,6 +252,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     if flags & DopplerFlag.LOW_GOOD_PIXELS:
         return _VisitFit(_failed(prep, spectrum, flags, bc, prep.message), prep)
 
+    match = VisitMatcher(spectrum)
     candidates = _ccf(prep, emulators, vrange)
     ccf = candidates[0]
     if ccf.edge:
@@ -219,7 +277,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     def attempt(cand: _CCFResult) -> None:
         tried.append(cand)
         try:
-            model, res, free = _fit_candidate(prep, emulators, cand, vrange)
+            model, res, free = _fit_candidate(prep, emulators, cand, vrange, match)
         except DopplerError as exc:
             errors.append(str(exc))
             return
@@ -292,8 +350,9 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
     if scan_edge:
         flags |= DopplerFlag.RV_SCAN_EDGE
     labels = res.p[:3]
-    if _at_label_edge(emulator, labels):
-        flags |= DopplerFlag.LABEL_AT_EDGE
+    edge, edge_shift = _edge_flags(emulator, labels, res.cov, 3, err[:3], float(err[3]), judge,
+                                   lambda: _gauss_newton_step(model, res))
+    flags |= edge
     if judge:
         flags |= _rv_doubts(vrel, float(ccf.vrel), float(ccf.sigma_v), float(chisq), prep.snr)
     result = VisitRV(
@@ -303,7 +362,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         template=emulator.name, n_pixels=int(n), ccf_vrel=float(ccf.vrel),
         u_ccf_vrel=float(ccf.sigma_v), vsini=vsini,
     )
-    return _VisitFit(_judge(result) if judge else result, prep, model, res)
+    return _VisitFit(_judge(result, edge_shift) if judge else result, prep, model, res, match)
 
 
 def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
@@ -317,7 +376,8 @@ def fit_visit(spectrum: Spectrum, templates: Emulator | Sequence[Emulator], *,
     input that cannot be fitted at all (not a Spectrum, wavelengths outside the templates,
     unsorted wavelengths) raises :class:`DopplerError` (:class:`UnsupportedSpectrumError` for
     wavelengths outside the templates). A fit whose RV is doubtful (:data:`RV_DOUBTS`: far from
-    the CCF peak, a label on its template limit, residuals far beyond the noise) gets ``BAD_RV``
+    the CCF peak, a label on its template limit that the RV depends on, residuals far beyond the
+    noise) gets ``BAD_RV``
     and NaN velocity and labels; ``reject_doubtful=False`` keeps them (error-floor calibration
     measures template mismatch on every fit).
     """

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from astra_dagster.methods.doppler.emulator import Emulator
-from astra_dagster.methods.doppler.fit import _at_label_edge, _fine_rv, _fit_visit_state, _judge, _rv_doubts
+from astra_dagster.methods.doppler.fit import _edge_flags, _fine_rv, _fit_visit_state, _judge, _rv_doubts
 from astra_dagster.methods.doppler.flags import FATAL_FLAGS, HIGH_CHISQ, DopplerError, DopplerFlag
 from astra_dagster.methods.doppler.floors import _floor_vector, error_floors
 from astra_dagster.methods.doppler.lm import _lm_normal
@@ -91,14 +91,17 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
     ref_model = states[ref].model
     assert ref_model is not None
     emulator, vsini = ref_model.em, ref_model.vsini
+    # Each visit fits the reference family matched to its own LSF (.lsf): same name, own copy.
+    base = next(e for e in emulators if e.name == emulator.name)
     models = []
     for i in good:
         st = states[i]
         assert st.model is not None and st.prep is not None
-        if st.model.em is emulator and st.model.vsini == vsini:
+        if st.model.em.name == emulator.name and st.model.vsini == vsini:
             models.append(st.model)
         else:  # the visit's own fit used another family or broadening: same pixels, same rejections
-            other = _VisitModel(st.prep, emulator, results[i].vrel, vsini=vsini)
+            own = st.match(base) if st.match is not None else base
+            other = _VisitModel(st.prep, own, results[i].vrel, vsini=vsini)
             other.reject(st.model.rejected)
             models.append(other)
     same = [i for i in good if results[i].template == emulator.name]
@@ -134,8 +137,15 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         star_flags |= DopplerFlag.NOT_CONVERGED
     if chisq > HIGH_CHISQ:
         star_flags |= DopplerFlag.HIGH_CHISQ
-    if _at_label_edge(emulator, res.p[:3]):
-        star_flags |= DopplerFlag.LABEL_AT_EDGE
+
+    gn_step: list[np.ndarray] = []
+
+    def step() -> np.ndarray:
+        """The joint fit's unconstrained Gauss-Newton step (once, only when a label is pinned)."""
+        if not gn_step:
+            _, _, g, _ = fun(res.p, True)
+            gn_step.append(res.cov @ g)
+        return gn_step[0]
 
     for k, (i, model) in enumerate(zip(good, models, strict=True)):
         p_i = split(res.p, k)
@@ -145,10 +155,14 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         vrel, scan_edge = _fine_rv(model, p_i, u_v)
         u_v = math.hypot(u_v, error_floors(emulator)["vrel"])
         old = results[i]
-        flags = (old.flags & ~int(DopplerFlag.LABEL_AT_EDGE | DopplerFlag.NOT_CONVERGED
+        flags = (old.flags & ~int(DopplerFlag.LABEL_AT_EDGE | DopplerFlag.EDGE_RV | DopplerFlag.NOT_CONVERGED
                                   | DopplerFlag.HIGH_CHISQ | DopplerFlag.RV_SCAN_EDGE)) | star_flags
         if scan_edge:
             flags |= DopplerFlag.RV_SCAN_EDGE
+        # The joint labels on a limit: a warning, or EDGE_RV where this visit's RV depends on them.
+        edge, edge_shift = _edge_flags(emulator, res.p[:3], res.cov, 3 + k, u_labels, u_v, reject_doubtful,
+                                       step)
+        flags |= edge
         if reject_doubtful:
             flags |= _rv_doubts(vrel, old.ccf_vrel, old.u_ccf_vrel, chisq_i, old.snr)
         visit = VisitRV(
@@ -158,7 +172,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
             flags=int(flags), snr=old.snr, template=emulator.name, n_pixels=model.n_used,
             ccf_vrel=old.ccf_vrel, u_ccf_vrel=old.u_ccf_vrel, vsini=vsini,
         )
-        results[i] = _judge(visit) if reject_doubtful else visit
+        results[i] = _judge(visit, edge_shift) if reject_doubtful else visit
 
     vh = np.array([results[i].vhelio for i in good])
     uv = np.array([results[i].u_vrel for i in good])

@@ -22,10 +22,13 @@ from astra_dagster.methods.doppler.emulator import (
     template_log10_grid,
     train_cannon,
 )
+from astra_dagster.methods.doppler.lsf import TEMPLATE_RESOLUTION, template_lsf
 from astra_dagster.methods.progress import Progress, reporter
 
 #: Bump when the generator-training recipe changes so stale cached emulators are not reused.
-_GENERATOR_CACHE_VERSION = 5
+#: 6: templates rendered at R 24,000 with their LSF in ``meta["lsf"]``, matched to each visit
+#: (:mod:`.lsf`); error floors from validation stars observed like release visits.
+_GENERATOR_CACHE_VERSION = 6
 
 
 def _generator_fingerprint(**params: Any) -> str:
@@ -49,6 +52,8 @@ def _training_grid() -> tuple[float, np.ndarray]:
 
 def _train_from_set(ts: Any, name: str, teff_range: tuple[float, float] | None, start: float,
                     wave: np.ndarray, meta: dict[str, Any]) -> Emulator:
+    # The LSF the templates were rendered with, so each visit's fit can match it (.lsf).
+    meta = {**meta, "lsf": template_lsf(ts.settings).to_dict()}
     flux = np.asarray(ts.flux, dtype=float)
     if flux.shape[1] != wave.size or not np.allclose(np.asarray(ts.wavelength), wave, rtol=1e-10):
         raise EmulatorError("the generator did not return spectra on the requested template grid")
@@ -107,14 +112,17 @@ GENERATOR_BANDS: tuple[tuple[float, float], ...] = ((3000.0, 4200.0), (3850.0, 7
 
 
 def generator_training_settings() -> Any:
-    """The generator's ``TRAINING_SETTINGS`` with the instrument's line-spread-function shape.
+    """The generator's ``TRAINING_SETTINGS`` with the instrument's line-spread-function shape,
+    rendered sharper than any fiber (R :data:`~.lsf.TEMPLATE_RESOLUTION`).
 
     Template spectra must be convolved with the instrument's LSF, as Doppler convolves its
     templates with each visit's LSF from the apVisit file. The synthetic instrument's LSF is a
     Gauss-Hermite profile (h3, h4) whose centroid the wavelength calibration absorbs; fitting
     it with a Gaussian-LSF template biases every velocity by ~-0.2 km/s (measured: h3 = 0.04
-    gives -0.21 km/s). Only the LSF shape is taken over; the sampling, the fixed R, no pixel
-    integration and hidden labels on their relations stay those of the training settings.
+    gives -0.21 km/s). Its R depends on the fiber and each visit adds the pixel box, so the
+    templates get R 24,000 and each fit matches them to its visit (:mod:`.lsf`). Only the LSF
+    shape is taken over; the sampling, no pixel integration and hidden labels on their
+    relations stay those of the training settings.
     """
     import dataclasses
 
@@ -122,7 +130,8 @@ def generator_training_settings() -> Any:
 
     instrument = synth.RELEASE_SETTINGS
     return dataclasses.replace(synth.TRAINING_SETTINGS, name="training+instrument-lsf",
-                               lsf_h3=instrument.lsf_h3, lsf_h4=instrument.lsf_h4)
+                               resolution=TEMPLATE_RESOLUTION, lsf_h3=instrument.lsf_h3,
+                               lsf_h4=instrument.lsf_h4)
 
 
 def train_generator_emulators(
@@ -189,7 +198,10 @@ def _generator_error_floors(emulators: list[Emulator], settings: Any, seed: int,
     from astra_dagster.spectra.spectrum import Spectrum, apstar_wavelength
 
     rng = np.random.default_rng([seed, 0x76616C, len(population)])  # "val"
-    validation = dataclasses.replace(settings, vary_hidden=True)
+    # Observed like release visits (fiber-dependent R, pixel box; the fiber in the metadata),
+    # so the floors include what matching the templates to a visit's LSF leaves.
+    validation = dataclasses.replace(settings, vary_hidden=True, resolution=synth.RELEASE_SETTINGS.resolution,
+                                     fiber_resolution=True, pixel_integration=True)
     labels = synth.draw_labels(n, rng, population, hidden_scatter=True)
     wave = apstar_wavelength()
     covered = synth.chip_mask(wave)
@@ -197,9 +209,10 @@ def _generator_error_floors(emulators: list[Emulator], settings: Any, seed: int,
     for i in range(n):
         star = {k: float(labels[k][i]) for k in synth.ALL_LABELS}
         v = float(rng.normal(0.0, 60.0))
-        flux = synth.synthesize(star, wave, validation, rv_kms=v)
+        fiber = int(rng.integers(1, 301))
+        flux = synth.synthesize(star, wave, validation, rv_kms=v, fiber=fiber)
         ivar = np.where(covered, 200.0**2, 0.0)  # formal errors of an S/N 200 spectrum
-        meta = {"frame": "observed", "bc": 0.0, "path": "validation", "index": i}
+        meta = {"frame": "observed", "bc": 0.0, "path": "validation", "index": i, "fiber": fiber}
         spectra.append((Spectrum(wave, flux, ivar, np.zeros(wave.size, dtype=np.int64), meta), v,
                         (star["teff"], star["logg"], star["fe_h"])))
     return calibrate_error_floors(emulators, spectra)
