@@ -57,6 +57,12 @@ class LSF:
         return (round(self.resolution, 1), round(self.lsf_h3, 6), round(self.lsf_h4, 6),
                 round(self.pixel_log10, 10))
 
+    def rounded(self) -> LSF:
+        """This LSF at its :meth:`key`'s precision: what a matched template is computed for, so
+        that it does not depend on which visit of the key came first (a worker pool computes
+        visits in another order than a serial run, and must give the same numbers)."""
+        return LSF(*self.key())
+
 
 def template_lsf(settings: Any) -> LSF:
     """The LSF of templates rendered with the generator's ``settings`` (a model grid is sampled,
@@ -151,6 +157,7 @@ def match_emulator(emulator: Emulator, want: LSF) -> Emulator:
         return emulator
     have = LSF(**recorded)
     cache: OrderedDict[tuple[float, ...], Emulator] = emulator._coarse_cache.setdefault("lsf", OrderedDict())
+    want = want.rounded()
     key = want.key()
     hit = cache.get(key)
     if hit is not None:
