@@ -15,6 +15,7 @@ import sys
 import types
 from collections import deque
 from collections.abc import Iterator, Sequence
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -88,6 +89,20 @@ def _death(process: Any) -> str:
     return f"exit code {code}"
 
 
+def _forkserver(work: Work) -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["astra_dagster.engines.work", work.module, *work.preload])
+    return ctx
+
+
+def start_forkserver(work: Work) -> None:
+    """Start the forkserver now (it returns at once; the server imports the work's modules in
+    its own process), so that a :class:`LocalPool` started later forks its workers from a ready
+    server. Once started, a process's forkserver serves every later pool."""
+    _forkserver(work)
+    forkserver.ensure_running()
+
+
 class LocalPool:
     """``workers`` processes (forkserver: they start from a clean interpreter that has imported
     the work's module and its ``preload`` once, not a fork of a threaded Dagster process)."""
@@ -98,8 +113,7 @@ class LocalPool:
     def run(self, work: Work, jobs: Sequence[tuple[list[int], list[Any]]]
             ) -> Iterator[tuple[list[int], list[ItemResult]]]:
         """Yield (indices, results) per job as jobs finish, in any order."""
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["astra_dagster.engines.work", work.module, *work.preload])
+        ctx = _forkserver(work)
         pending: deque[tuple[list[int], list[Any], bool]] = deque((i, it, False) for i, it in jobs)
         pool: list[_Worker] = []
         try:

@@ -165,6 +165,11 @@ def run_tasks(
         ).hexdigest()
         parent = config.identity({"batch_first": first or "", "batch_last": last or "",
                                   "batch_children": children_digest, "batch_run_id": run_id})
+    if batch and _local_pool(execution, work, len(to_run)):
+        # the pool's forkserver imports the method's science while the tasks are claimed
+        from astra_dagster.engines.local import start_forkserver
+
+        start_forkserver(work)
     # Held before any row is claimed (a status-0 row of a live run is never taken for abandoned),
     # until the IO manager has closed the batch or written the single task.
     store.acquire_run_lease(url, run_id)
@@ -268,13 +273,18 @@ def _jobs(work: Work, n: int, workers: int, order: Sequence[int] | None = None) 
     return jobs
 
 
+def _local_pool(execution: Execution, work: Work, n_items: int) -> bool:
+    return (execution.engine != "dask" and execution.workers > 1 and n_items > 1
+            and work.function.__name__ != "<lambda>")
+
+
 def _engine(execution: Execution, work: Work, n_items: int) -> Any | None:
     """The engine for this batch, or None to compute in the step's process."""
     if execution.engine == "dask":
         from astra_dagster.engines.dask import DaskEngine
 
         return DaskEngine.shared(execution)
-    if execution.workers <= 1 or n_items <= 1 or work.function.__name__ == "<lambda>":
+    if not _local_pool(execution, work, n_items):
         return None
     from astra_dagster.engines.local import LocalPool
 
