@@ -4,6 +4,7 @@ the per-star joint fit, barycentric corrections and bad input."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -256,6 +257,38 @@ def test_rv_doubt_thresholds() -> None:
     assert _rv_doubts(0.0, 0.0, 0.1, 60.0, 300.0) == 0  # 2.6 %
     assert _rv_doubts(0.0, 0.0, 0.1, 2.1, 20.0) == DopplerFlag.POOR_MATCH  # 5.2 %
     assert _rv_doubts(0.0, 0.0, 0.1, 50.0, math.nan) == 0  # no S/N: not judged
+    # Far from the coarse peak but at the fitted template's own peak (a hot star the coarse
+    # grid's nearest template correlates 20 km/s off): no mismatch; the own peak is computed
+    # only when the coarse one disagrees.
+    calls: list[int] = []
+
+    def own(v: float) -> Callable[[], tuple[float, float] | None]:
+        def peak() -> tuple[float, float] | None:
+            calls.append(1)
+            return (v, 2.0)
+        return peak
+
+    assert _rv_doubts(20.0, 0.0, 2.0, 1.0, 100.0, own(17.0)) == 0
+    assert _rv_doubts(20.0, 0.0, 2.0, 1.0, 100.0, own(-5.0)) == DopplerFlag.CCF_MISMATCH
+    assert _rv_doubts(20.0, 0.0, 2.0, 1.0, 100.0, lambda: None) == DopplerFlag.CCF_MISMATCH
+    calls.clear()
+    assert _rv_doubts(5.0, 0.0, 2.0, 1.0, 100.0, own(50.0)) == 0 and not calls
+
+
+def test_hot_family_is_rendered_slower_than_hot_stars() -> None:
+    """A fit can broaden a template, never sharpen it: the hot family's training stars rotate
+    slower than the release's hot stars (20-220 km/s), not at the generator's 120 km/s."""
+    from astra_dagster.methods.doppler.templates import (
+        HOT_TEMPLATE_VSINI,
+        _slow_hot_training_set,
+        _training_grid,
+        generator_training_settings,
+    )
+
+    _, wave = _training_grid()
+    ts = _slow_hot_training_set(2, 1, generator_training_settings(), wave)
+    assert np.all(ts.labels["vsini"] == HOT_TEMPLATE_VSINI) and HOT_TEMPLATE_VSINI < 20.0
+    assert np.all(ts.labels["teff"] >= 8000.0) and np.all(np.isfinite(ts.flux))
 
 
 @pytest.fixture(scope="module")

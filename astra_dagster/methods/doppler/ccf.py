@@ -90,12 +90,14 @@ def _ccf_peak(row: np.ndarray, lags: np.ndarray, l_max: int, h: float, c0: float
 
 
 def _ccf(prep: _Prepared, emulators: list[Emulator], vrange: float,
-         only: tuple[Emulator, np.ndarray] | None = None) -> list[_CCFResult]:
+         only: tuple[Emulator, np.ndarray] | None = None, vsini: float = 0.0) -> list[_CCFResult]:
     """The best velocity of every coarse template by χ² of a scaled template within ±vrange.
 
     χ²(L) = Σw (d − β)² − max(0, cov(d, t_L))² / var(t_L) for line depth d = 1 − f (a scaled
     template plus a constant), for every lag L at once with three FFT correlations per template;
     each minimum is refined with a parabola. Returns one result per template, lowest χ² first.
+    ``only``: one emulator at the given labels instead of the coarse grid, rotationally
+    broadened by ``vsini`` km/s (0: not).
     """
     results: list[_CCFResult] = []
     for emulator in emulators if only is None else [only[0]]:
@@ -118,7 +120,11 @@ def _ccf(prep: _Prepared, emulators: list[Emulator], vrange: float,
             labels, fdepth, fdepth2 = _coarse_templates(emulator, n_fft)
         else:
             labels = np.atleast_2d(only[1])
-            depth = 1.0 - emulator.flux(labels)[:, ::_CCF_STRIDE]
+            flux = emulator.flux(labels)
+            if vsini > 0:
+                kernel = emulator.rotation_kernel(vsini)
+                flux = np.array([1.0 + np.convolve(f - 1.0, kernel, mode="same") for f in flux])
+            depth = 1.0 - flux[:, ::_CCF_STRIDE]
             fdepth, fdepth2 = sp_fft.rfft(depth, n_fft, axis=1), sp_fft.rfft(depth**2, n_fft, axis=1)
         # out[k] = Σ_n t[n + k] a[n]; template index n + k = j - L with j = n + j0, so L = j0 - k.
         a_corr = sp_fft.irfft(fdepth * np.conj(fa), n_fft, axis=1)

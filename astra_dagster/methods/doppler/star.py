@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 
 from astra_dagster.methods.doppler.emulator import Emulator
-from astra_dagster.methods.doppler.fit import _edge_flags, _fine_rv, _fit_visit_state, _judge, _rv_doubts
+from astra_dagster.methods.doppler.fit import (
+    _edge_flags,
+    _fine_rv,
+    _fit_visit_state,
+    _judge,
+    _own_peak,
+    _rv_doubts,
+)
 from astra_dagster.methods.doppler.flags import FATAL_FLAGS, HIGH_CHISQ, DopplerError, DopplerFlag
 from astra_dagster.methods.doppler.floors import _floor_vector, error_floors
 from astra_dagster.methods.doppler.lm import _lm_normal
@@ -164,7 +171,10 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
                                        step)
         flags |= edge
         if reject_doubtful:
-            flags |= _rv_doubts(vrel, old.ccf_vrel, old.u_ccf_vrel, chisq_i, old.snr)
+            prep = states[i].prep
+            assert prep is not None
+            flags |= _rv_doubts(vrel, old.ccf_vrel, old.u_ccf_vrel, chisq_i, old.snr,
+                                lambda prep=prep, model=model, p_i=p_i: _own_peak(prep, model, p_i, vrange))
         visit = VisitRV(
             vrel=vrel, u_vrel=u_v, teff=float(res.p[0]), u_teff=float(u_labels[0]),
             logg=float(res.p[1]), u_logg=float(u_labels[1]), fe_h=float(res.p[2]),
