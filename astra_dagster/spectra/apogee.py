@@ -17,6 +17,7 @@ for comparisons only.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -121,7 +122,7 @@ def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
     if not isinstance(hdu, fits.ImageHDU | fits.PrimaryHDU | fits.CompImageHDU | PlainImage):
         raise SpectrumFormatError(path, f"HDU {index} ({name}) is a table, not an image")
     naxis = [hdu.header.get(f"NAXIS{i}", 0) for i in range(1, int(hdu.header.get("NAXIS", 0) or 0) + 1)]
-    if naxis and int(np.prod([float(n) for n in naxis])) > MAX_PIXELS:
+    if naxis and int(math.prod(float(n) for n in naxis)) > MAX_PIXELS:
         raise SpectrumFormatError(
             path, f"HDU {index} ({name}) claims {' x '.join(str(n) for n in naxis)} pixels (at most {MAX_PIXELS})")
     if hdu.data is None:
@@ -133,24 +134,47 @@ def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
 
 
 def _ivar(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -> np.ndarray:
+    """1/σ² where flux and σ are finite and σ > 0, else 0; a broken σ or flux is one line naming
+    ``where``."""
+    ivar = _ivar_if_clean(flux, sigma)
+    return ivar if ivar is not None else _ivar_checked(flux, sigma, path, where)
+
+
+def _ivar_if_clean(flux: np.ndarray, sigma: np.ndarray) -> np.ndarray | None:
+    """:func:`_ivar` of rows (the last axis) that pass every check of :func:`_ivar_checked`, in
+    fewer passes over the pixels; None when any row fails one (that function then names it).
+
+    The common file has the same finite pixels in flux and σ, no σ < 0 and good pixels in every
+    row: checking that over all rows at once costs a third of checking it row by row."""
+    finite = np.isfinite(sigma)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if not np.array_equal(finite, np.isfinite(flux)) or np.any(sigma < 0):
+            return None
+        good = finite & (sigma > 0)
+        if not np.all(np.any(good, axis=-1)):
+            return None
+        ivar = np.zeros(flux.shape)
+        np.divide(1.0, sigma * sigma, where=good, out=ivar)
+    return ivar
+
+
+def _ivar_checked(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -> np.ndarray:
     finite_flux, finite_sigma = np.isfinite(flux), np.isfinite(sigma)
     with np.errstate(invalid="ignore", over="ignore"):
         if np.any(sigma < 0):
             raise SpectrumFormatError(path, f"negative flux error (σ < 0) in {where}")
         # DR17 and our generator mark a pixel without data by NaN in both flux and σ; a
-        # non-finite value in only one of them is a broken file, not a gap (looked at closely only
-        # where the two masks differ: most files have none)
-        if not np.array_equal(finite_flux, finite_sigma):
-            lone_flux = ~finite_flux & finite_sigma
-            if np.any(lone_flux):
-                raise SpectrumFormatError(
-                    path, f"non-finite flux (NaN or inf) at {int(lone_flux.sum())} pixel(s) of {where} "
-                    "whose flux error is finite")
-            lone_sigma = np.isnan(sigma) & finite_flux
-            if np.any(lone_sigma):
-                raise SpectrumFormatError(
-                    path, f"non-finite flux error (NaN) at {int(lone_sigma.sum())} pixel(s) of {where} "
-                    "whose flux is finite")
+        # non-finite value in only one of them is a broken file, not a gap
+        lone_flux = ~finite_flux & finite_sigma
+        if np.any(lone_flux):
+            raise SpectrumFormatError(
+                path, f"non-finite flux (NaN or inf) at {int(lone_flux.sum())} pixel(s) of {where} "
+                "whose flux error is finite")
+        lone_sigma = np.isnan(sigma) & finite_flux
+        if np.any(lone_sigma):
+            raise SpectrumFormatError(
+                path, f"non-finite flux error (NaN) at {int(lone_sigma.sum())} pixel(s) of {where} "
+                "whose flux is finite")
         good = finite_flux & finite_sigma & (sigma > 0)
         if not np.any(good):
             raise SpectrumFormatError(path, f"no pixel with a positive finite flux error in {where}")
@@ -248,10 +272,16 @@ def apstar_spectra(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.
     common = {"frame": "rest", "format": "apStar", "path": str(path), "nvisits": nvisits,
               "source_id": _source_id(header), "telescope": header.get("TELESCOP"),
               "ra": _header_float(header, "RA"), "dec": _header_float(header, "DEC")}
+    # converted and checked for all rows at once (the row-by-row checks name a failing row)
+    used = slice(0, 1) if nvisits == 1 else slice(None)
+    fluxes, sigmas = flux[used].astype(float), sigma[used].astype(float)
+    ivars = _ivar_if_clean(fluxes, sigmas)
+    if ivars is None or not np.all(np.any(np.isfinite(fluxes) & (fluxes != 0), axis=-1)):
+        ivars = None
     spectra = []
     for row in rows:
-        f = flux[row].astype(float)
-        if not np.any(np.isfinite(f) & (f != 0)):
+        f = fluxes[row]
+        if ivars is None and not np.any(np.isfinite(f) & (f != 0)):
             raise SpectrumFormatError(path, f"all-NaN (or inf, or empty) flux in row {row}")
         meta: dict[str, Any] = dict(common, index=row)
         if nvisits == 1 or row < 2:
@@ -263,8 +293,8 @@ def apstar_spectra(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.
                         mjd=None if jd is None else int(jd - _MJD_ZERO),
                         bc=_header_float(header, f"BC{visit}"),
                         fiber=header.get(f"FIBER{visit}"), sfile=header.get(f"SFILE{visit}"))
-        spectra.append(Spectrum(wavelength, f, _ivar(f, sigma[row].astype(float), path, f"row {row}"),
-                                mask[row].astype(np.int64), meta))
+        ivar = ivars[row] if ivars is not None else _ivar_checked(f, sigmas[row], path, f"row {row}")
+        spectra.append(Spectrum(wavelength, f, ivar, mask[row], meta))
     return spectra
 
 
@@ -329,23 +359,34 @@ def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: n
         raise SpectrumFormatError(
             path, f"NAXIS1/NAXIS2 are {flux.shape[::-1]}, an apVisit has 4096 (or 2048) x 3")
     mask = _pixel_mask(mask, path)
-    # converted once for the three chips, then cut and ordered (blue, green, red)
-    wave, flux, sigma = wave.astype(float), flux.astype(float), sigma.astype(float)
-    order = np.argsort(np.nanmin(wave, axis=1))
-    w, f, s, m, slices, start = [], [], [], [], [], 0
+    # chips ordered (blue, green, red), each in ascending wavelength, checked in that order
+    # (converted once to native float64 first: an integer image's differences would wrap around,
+    # and big-endian arithmetic costs a byte swap per operation)
+    wave = wave.astype(float)
+    with np.errstate(invalid="ignore"):
+        step = np.diff(wave, axis=1)
+        monotonic = np.isfinite(wave).all(axis=1) & (np.all(step < 0, axis=1) | np.all(step > 0, axis=1))
+        # a finite monotonic row's smallest value is at one of its ends
+        low = np.minimum(wave[:, 0], wave[:, -1]) if monotonic.all() else np.nanmin(wave, axis=1)
+        order = np.argsort(low)
     for chip in order:
-        chip_wave = wave[chip]
-        step = np.diff(chip_wave)
-        if not np.all(np.isfinite(chip_wave)) or not (np.all(step < 0) or np.all(step > 0)):
+        if not monotonic[chip]:
             raise SpectrumFormatError(path, f"wavelength of chip row {chip} is not monotonic and finite")
-        rev = slice(None, None, -1) if step[0] < 0 else slice(None)
-        w.append(chip_wave[rev])
-        f.append(flux[chip][rev])
-        s.append(sigma[chip][rev])
-        m.append(mask[chip][rev])
-        slices.append((start, start + chip_wave.size))
-        start += chip_wave.size
-    flux_all = np.concatenate(f)
+    npix = wave.shape[1]
+    slices = [(i * npix, (i + 1) * npix) for i in range(len(order))]
+    descending = step[:, 0] < 0
+    if list(order) == [2, 1, 0] and descending.all():
+        # DR17's own layout (row 0 red, wavelength decreasing): the whole image read backwards,
+        # converted in one copy per array
+        pick = slice(None, None, -1)
+        w, f, s, m = (np.ascontiguousarray(a.ravel()[pick], dtype=dtype) for a, dtype in
+                      ((wave, float), (flux, float), (sigma, float), (mask, np.int64)))
+    else:
+        rows = [np.arange(chip * npix, (chip + 1) * npix)[::-1 if descending[chip] else 1] for chip in order]
+        pick = np.concatenate(rows)
+        w, f, s, m = (a.ravel()[pick].astype(dtype) for a, dtype in
+                      ((wave, float), (flux, float), (sigma, float), (mask, np.int64)))
+    flux_all = f
     if not np.any(np.isfinite(flux_all) & (flux_all != 0)):
         raise SpectrumFormatError(path, "all-NaN (or empty) flux")
     jd = _header_float(header, "JD-MID")
@@ -357,8 +398,7 @@ def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: n
             "fiber": header.get("FIBERID"), "ra": _header_float(header, "RA"),
             "dec": _header_float(header, "DEC"), "source_id": _source_id(header),
             "chip_slices": slices}
-    return Spectrum(np.concatenate(w), flux_all, _ivar(flux_all, np.concatenate(s), path, "the visit"),
-                    np.concatenate(m), meta)
+    return Spectrum(w, flux_all, _ivar(flux_all, s, path, "the visit"), m, meta)
 
 
 def write_apvisit(

@@ -15,6 +15,7 @@ the same spectra or the same error.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -121,34 +122,56 @@ def _header_at(data: bytes, start: int) -> tuple[PlainHeader, int] | None:
     last: str | None = None  # the keyword a CONTINUE card would continue
     for offset in range(0, len(text), _CARD):
         card = text[offset:offset + _CARD]
-        keyword = card[:8].rstrip()
-        if keyword == "CONTINUE":
-            match = _STRING.match(card[10:]) if card[8:10] == "  " else None
-            if last is None or not isinstance(header[last], str) or match is None:
+        parsed = _CARDS.get(card)
+        if parsed is None:
+            parsed = _card(card)
+            if len(_CARDS) < _CARDS_KEPT:
+                _CARDS[card] = parsed
+        kind, keyword, value = parsed
+        if kind is _KEYED:
+            if keyword in header:
                 return None
-            long_strings.setdefault(last, [_raw_string(card_of[last])]).append(match.group(1))
-            continue
-        if keyword in _LEFT_TO_ASTROPY:
+            header[keyword] = value
+            last = keyword
+            card_of[keyword] = card[10:]
+        elif kind is _CONTINUED:
+            if last is None or not isinstance(header[last], str):
+                return None
+            long_strings.setdefault(last, [_raw_string(card_of[last])]).append(value)
+        elif kind is _NO_VALUE:
+            last = None
+        else:
             return None
-        last = None
-        if card[8:10] != "= ":
-            if keyword in _COMMENTARY:
-                continue
-            return None
-        if not _KEYWORD.match(keyword) or keyword in header:
-            return None
-        value = _value(card[10:])
-        if value is None:
-            return None
-        header[keyword] = value
-        last = keyword
-        card_of[keyword] = card[10:]
     for keyword, pieces in long_strings.items():
         value = _long_string(pieces)
         if value is None:
             return None
         header[keyword] = value
     return header, data_start
+
+
+#: What one card says, by its 80 characters: most cards of a release's files are the same in
+#: every file (SIMPLE, BITPIX, NAXISn, the WCS...), so each is parsed once per process.
+_CARDS: dict[str, tuple[object, str | None, Any]] = {}
+_CARDS_KEPT = 1 << 14  # ~3 MB; a full cache keeps the cards first seen, the common ones
+_KEYED, _CONTINUED, _NO_VALUE, _REFUSED = object(), object(), object(), object()
+
+
+def _card(card: str) -> tuple[object, str | None, Any]:
+    """(kind, keyword, value) of one card: a keyword with its value, a CONTINUE card with its
+    string piece, a commentary card, or one this reader refuses."""
+    keyword = card[:8].rstrip()
+    if keyword == "CONTINUE":
+        match = _STRING.match(card[10:]) if card[8:10] == "  " else None
+        return (_REFUSED, None, None) if match is None else (_CONTINUED, None, match.group(1))
+    if keyword in _LEFT_TO_ASTROPY:
+        return _REFUSED, None, None
+    if card[8:10] != "= ":
+        return (_NO_VALUE, None, None) if keyword in _COMMENTARY else (_REFUSED, None, None)
+    if not _KEYWORD.match(keyword):
+        return _REFUSED, None, None
+    value = _value(card[10:])
+    return (_REFUSED, None, None) if value is None else (_KEYED, keyword, value)
 
 
 def _raw_string(field: str) -> str:
@@ -216,7 +239,7 @@ def _hdu(header: PlainHeader, data: bytes, data_start: int, primary: bool
     axes = [_whole(header, f"NAXIS{i}", 1) for i in range(1, naxis + 1)]
     if any(n is None for n in axes):
         return None
-    count = int(np.prod(axes, dtype=object)) if axes else 0
+    count = math.prod(axes) if axes else 0  # exact: Python integers
     nbytes = count * abs(bitpix) // 8 + (header["PCOUNT"] if not primary else 0)
     if data_start + nbytes > len(data):
         return None
