@@ -133,28 +133,29 @@ def _image(hdul: fits.HDUList, index: int, name: str, path: Path) -> np.ndarray:
         raise SpectrumFormatError(path, f"HDU {index} ({name}) unreadable: {exc}") from exc
 
 
-def _ivar(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -> np.ndarray:
-    """1/σ² where flux and σ are finite and σ > 0, else 0; a broken σ or flux is one line naming
-    ``where``."""
-    ivar = _ivar_if_clean(flux, sigma)
-    return ivar if ivar is not None else _ivar_checked(flux, sigma, path, where)
-
-
-def _ivar_if_clean(flux: np.ndarray, sigma: np.ndarray) -> np.ndarray | None:
-    """:func:`_ivar` of rows (the last axis) that pass every check of :func:`_ivar_checked`, in
-    fewer passes over the pixels; None when any row fails one (that function then names it).
+def _good_if_clean(flux: np.ndarray, sigma: np.ndarray) -> np.ndarray | None:
+    """The pixels with data (finite flux and σ, σ > 0) of rows (the last axis) that pass every
+    check of :func:`_ivar_checked` and hold a finite non-zero flux, in fewer passes over the
+    pixels; None when any row fails one (the row-by-row checks then name it).
 
     The common file has the same finite pixels in flux and σ, no σ < 0 and good pixels in every
     row: checking that over all rows at once costs a third of checking it row by row."""
     finite = np.isfinite(sigma)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore"):
         if not np.array_equal(finite, np.isfinite(flux)) or np.any(sigma < 0):
             return None
         good = finite & (sigma > 0)
-        if not np.all(np.any(good, axis=-1)):
+        if not np.all(np.any(good, axis=-1)) or not np.all(np.any(finite & (flux != 0), axis=-1)):
             return None
-        ivar = np.zeros(flux.shape)
-        np.divide(1.0, sigma * sigma, where=good, out=ivar)
+    return good
+
+
+def _inverse_square(sigma: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """1/σ² where ``good``, else 0 (a masked ``np.divide(..., where=)`` costs ~4x this)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ivar = np.square(sigma, dtype=float)
+        np.reciprocal(ivar, out=ivar)
+    np.copyto(ivar, 0.0, where=~good)
     return ivar
 
 
@@ -178,9 +179,7 @@ def _ivar_checked(flux: np.ndarray, sigma: np.ndarray, path: Path, where: str) -
         good = finite_flux & finite_sigma & (sigma > 0)
         if not np.any(good):
             raise SpectrumFormatError(path, f"no pixel with a positive finite flux error in {where}")
-        ivar = np.zeros(flux.shape)
-        np.divide(1.0, sigma * sigma, where=good, out=ivar)
-    return ivar
+    return _inverse_square(sigma, good)
 
 
 def _header_float(header: fits.Header, key: str) -> float | None:
@@ -201,7 +200,7 @@ def _header_count(header: fits.Header, key: str, path: Path, default: int | None
     return int(value)
 
 
-def _pixel_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+def _pixel_mask(mask: np.ndarray, path: Path, convert: bool = True) -> np.ndarray:
     # A float mask with NaN would cast to -2**63 (every bit set) without a word
     if not np.issubdtype(mask.dtype, np.integer):
         with np.errstate(invalid="ignore"):
@@ -209,7 +208,7 @@ def _pixel_mask(mask: np.ndarray, path: Path) -> np.ndarray:
         if np.any(bad):
             raise SpectrumFormatError(
                 path, f"pixel mask ({mask.dtype}) holds {int(bad.sum())} value(s) that are not bit flags")
-    return mask.astype(np.int64)
+    return mask.astype(np.int64) if convert else mask
 
 
 def _source_id(header: fits.Header) -> str | None:
@@ -252,6 +251,18 @@ def apstar_parts(hdul: fits.HDUList, path: Path) -> tuple[fits.Header, np.ndarra
 def apstar_spectra(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray,
                    mask: np.ndarray) -> list[Spectrum]:
     """The spectra of an apStar file from :func:`apstar_parts` (after the file is closed)."""
+    return _apstar(path, header, flux, sigma, mask, arrays=True)
+
+
+def apstar_meta(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray,
+                mask: np.ndarray) -> list[dict[str, Any]]:
+    """The ``meta`` of each spectrum :func:`apstar_spectra` returns, after the same checks of every
+    pixel, without building the spectra's arrays (registration keeps only the descriptions)."""
+    return _apstar(path, header, flux, sigma, mask, arrays=False)
+
+
+def _apstar(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray, mask: np.ndarray,
+            arrays: bool) -> list[Any]:
     if flux.ndim > 2:
         raise SpectrumFormatError(path, f"flux has {flux.ndim} dimensions {flux.shape}, an apStar has 1 or 2")
     flux, sigma, mask = (np.atleast_2d(a) for a in (flux, sigma, mask))
@@ -263,26 +274,30 @@ def apstar_spectra(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.
     nvisits = _header_count(header, "NVISITS", path, 1)
     if nvisits < 1:
         raise SpectrumFormatError(path, f"header NVISITS {nvisits} is not a positive number of visits")
-    mask = _pixel_mask(mask, path)
+    mask = _pixel_mask(mask, path, convert=arrays)
     nrow = flux.shape[0]
     if nvisits > 1 and nrow != nvisits + 2:
         raise SpectrumFormatError(path, f"{nrow} rows for NVISITS={nvisits} (expected {nvisits + 2})")
     rows = [0] if nvisits == 1 else list(range(nrow))
-    wavelength = apstar_wavelength()
     common = {"frame": "rest", "format": "apStar", "path": str(path), "nvisits": nvisits,
               "source_id": _source_id(header), "telescope": header.get("TELESCOP"),
               "ra": _header_float(header, "RA"), "dec": _header_float(header, "DEC")}
-    # converted and checked for all rows at once (the row-by-row checks name a failing row)
+    # checked for all rows at once (the row-by-row checks name a failing row); converted only
+    # for spectra (the checks read the stored values alike)
     used = slice(0, 1) if nvisits == 1 else slice(None)
-    fluxes, sigmas = flux[used].astype(float), sigma[used].astype(float)
-    ivars = _ivar_if_clean(fluxes, sigmas)
-    if ivars is None or not np.all(np.any(np.isfinite(fluxes) & (fluxes != 0), axis=-1)):
-        ivars = None
+    fluxes, sigmas = (a[used].astype(float) if arrays else _as_stored(a[used]) for a in (flux, sigma))
+    good = _good_if_clean(fluxes, sigmas)
+    ivars = None if good is None or not arrays else _inverse_square(sigmas, good)
+    wavelength = apstar_wavelength() if arrays else None
     spectra = []
     for row in rows:
         f = fluxes[row]
-        if ivars is None and not np.any(np.isfinite(f) & (f != 0)):
-            raise SpectrumFormatError(path, f"all-NaN (or inf, or empty) flux in row {row}")
+        if good is None:
+            if not np.any(np.isfinite(f) & (f != 0)):
+                raise SpectrumFormatError(path, f"all-NaN (or inf, or empty) flux in row {row}")
+            ivar = _ivar_checked(f, sigmas[row], path, f"row {row}")
+        else:
+            ivar = ivars[row] if arrays else None
         meta: dict[str, Any] = dict(common, index=row)
         if nvisits == 1 or row < 2:
             meta.update(kind="stack", snr=_header_float(header, "SNR"))
@@ -293,9 +308,15 @@ def apstar_spectra(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.
                         mjd=None if jd is None else int(jd - _MJD_ZERO),
                         bc=_header_float(header, f"BC{visit}"),
                         fiber=header.get(f"FIBER{visit}"), sfile=header.get(f"SFILE{visit}"))
-        ivar = ivars[row] if ivars is not None else _ivar_checked(f, sigmas[row], path, f"row {row}")
-        spectra.append(Spectrum(wavelength, f, ivar, mask[row], meta))
+        spectra.append(Spectrum(wavelength, f, ivar, mask[row], meta) if arrays else meta)
     return spectra
+
+
+def _as_stored(a: np.ndarray) -> np.ndarray:
+    """The values for checks only: a float image at its stored precision in native byte order
+    (finiteness, sign and zero read the same as in float64; one byte-swapping copy costs less
+    than swapping in every check), any other converted to float64."""
+    return a.astype(a.dtype.newbyteorder("=")) if a.dtype.kind == "f" else a.astype(float)
 
 
 def write_apstar(
@@ -351,6 +372,18 @@ def apvisit_parts(hdul: fits.HDUList, path: Path) -> tuple[fits.Header, np.ndarr
 def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray, mask: np.ndarray,
                      wave: np.ndarray) -> Spectrum:
     """The spectrum of an apVisit file from :func:`apvisit_parts` (after the file is closed)."""
+    return _apvisit(path, header, flux, sigma, mask, wave, arrays=True)
+
+
+def apvisit_meta(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray, mask: np.ndarray,
+                 wave: np.ndarray) -> dict[str, Any]:
+    """The ``meta`` of :func:`apvisit_spectrum`'s spectrum, after the same checks of every pixel,
+    without building the spectrum's arrays."""
+    return _apvisit(path, header, flux, sigma, mask, wave, arrays=False)
+
+
+def _apvisit(path: Path, header: fits.Header, flux: np.ndarray, sigma: np.ndarray, mask: np.ndarray,
+             wave: np.ndarray, arrays: bool) -> Any:
     shapes = {a.shape for a in (flux, sigma, mask, wave)}
     if len(shapes) != 1:
         raise SpectrumFormatError(
@@ -358,11 +391,11 @@ def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: n
     if flux.ndim != 2 or flux.shape[0] != 3 or flux.shape[1] not in (2048, 4096):
         raise SpectrumFormatError(
             path, f"NAXIS1/NAXIS2 are {flux.shape[::-1]}, an apVisit has 4096 (or 2048) x 3")
-    mask = _pixel_mask(mask, path)
+    mask = _pixel_mask(mask, path, convert=arrays)
     # chips ordered (blue, green, red), each in ascending wavelength, checked in that order
-    # (converted once to native float64 first: an integer image's differences would wrap around,
-    # and big-endian arithmetic costs a byte swap per operation)
-    wave = wave.astype(float)
+    # (an integer image is converted first: its differences would wrap around; for spectra, to
+    # native float64 once, as big-endian arithmetic costs a byte swap per operation)
+    wave = wave.astype(float) if arrays else _as_stored(wave)
     with np.errstate(invalid="ignore"):
         step = np.diff(wave, axis=1)
         monotonic = np.isfinite(wave).all(axis=1) & (np.all(step < 0, axis=1) | np.all(step > 0, axis=1))
@@ -375,20 +408,27 @@ def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: n
     npix = wave.shape[1]
     slices = [(i * npix, (i + 1) * npix) for i in range(len(order))]
     descending = step[:, 0] < 0
-    if list(order) == [2, 1, 0] and descending.all():
+    if not arrays:
+        # the checks below read the pixels in any order: no copy for them
+        flux_all, sigma_all = _as_stored(flux).ravel(), _as_stored(sigma).ravel()
+    elif list(order) == [2, 1, 0] and descending.all():
         # DR17's own layout (row 0 red, wavelength decreasing): the whole image read backwards,
         # converted in one copy per array
         pick = slice(None, None, -1)
-        w, f, s, m = (np.ascontiguousarray(a.ravel()[pick], dtype=dtype) for a, dtype in
-                      ((wave, float), (flux, float), (sigma, float), (mask, np.int64)))
+        w, flux_all, sigma_all, m = (np.ascontiguousarray(a.ravel()[pick], dtype=dtype) for a, dtype in
+                                     ((wave, float), (flux, float), (sigma, float), (mask, np.int64)))
     else:
         rows = [np.arange(chip * npix, (chip + 1) * npix)[::-1 if descending[chip] else 1] for chip in order]
         pick = np.concatenate(rows)
-        w, f, s, m = (a.ravel()[pick].astype(dtype) for a, dtype in
-                      ((wave, float), (flux, float), (sigma, float), (mask, np.int64)))
-    flux_all = f
-    if not np.any(np.isfinite(flux_all) & (flux_all != 0)):
-        raise SpectrumFormatError(path, "all-NaN (or empty) flux")
+        w, flux_all, sigma_all, m = (a.ravel()[pick].astype(dtype) for a, dtype in
+                                     ((wave, float), (flux, float), (sigma, float), (mask, np.int64)))
+    good = _good_if_clean(flux_all, sigma_all)
+    if good is None:
+        if not np.any(np.isfinite(flux_all) & (flux_all != 0)):
+            raise SpectrumFormatError(path, "all-NaN (or empty) flux")
+        ivar = _ivar_checked(flux_all, sigma_all, path, "the visit")
+    else:
+        ivar = _inverse_square(sigma_all, good) if arrays else None
     jd = _header_float(header, "JD-MID")
     mjd = _header_count(header, "MJD5", path, None)
     meta = {"frame": "observed", "kind": "visit", "format": "apVisit", "path": str(path), "index": 0,
@@ -398,7 +438,7 @@ def apvisit_spectrum(path: Path, header: fits.Header, flux: np.ndarray, sigma: n
             "fiber": header.get("FIBERID"), "ra": _header_float(header, "RA"),
             "dec": _header_float(header, "DEC"), "source_id": _source_id(header),
             "chip_slices": slices}
-    return Spectrum(w, flux_all, _ivar(flux_all, s, path, "the visit"), m, meta)
+    return Spectrum(w, flux_all, ivar, m, meta) if arrays else meta
 
 
 def write_apvisit(

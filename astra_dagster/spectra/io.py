@@ -58,10 +58,24 @@ def read_spectra(path: str | os.PathLike[str], expected_format: str | None = Non
     :mod:`~astra_dagster.spectra.plain_fits` where that reader understands the whole file
     (``plain_reader=False``: by astropy always; the same spectra, for comparisons).
     """
+    return _read(path, expected_format, data, plain_reader, arrays=True)
+
+
+def read_spectra_meta(path: str | os.PathLike[str], expected_format: str | None = None,
+                      data: bytes | None = None, *, plain_reader: bool = True) -> list[dict[str, Any]]:
+    """The ``meta`` of every spectrum :func:`read_spectra` returns, after the same checks of the
+    file, its headers and every pixel, and with the same errors: what registering a file needs.
+    apStar and apVisit files skip building the spectra's float64 arrays and inverse variances,
+    most of their cost after reading and hashing."""
+    return _read(path, expected_format, data, plain_reader, arrays=False)
+
+
+def _read(path: str | os.PathLike[str], expected_format: str | None, data: bytes | None,
+          plain_reader: bool, arrays: bool) -> list[Any]:
     from astropy.io.fits.verify import VerifyError
 
     try:
-        return _read_spectra(Path(path), expected_format, data, plain_reader)
+        return _read_spectra(Path(path), expected_format, data, plain_reader, arrays)
     except VerifyError as exc:
         # astropy parses a card only when it is read: a control character in a header value
         # surfaces here, after the file opened fine.
@@ -69,7 +83,7 @@ def read_spectra(path: str | os.PathLike[str], expected_format: str | None = Non
 
 
 def _read_spectra(path: Path, expected_format: str | None, data: bytes | None,
-                  plain_reader: bool) -> list[Spectrum]:
+                  plain_reader: bool, arrays: bool) -> list[Any]:
     # One open for the format and the APOGEE readers' images (header parsing, not the I/O, is
     # most of a file's cost); the reader's checks run after the file is closed, as alone.
     plain = read_plain_images(data, _APVISIT_IMAGES) if plain_reader and data is not None else None
@@ -87,13 +101,15 @@ def _read_spectra(path: Path, expected_format: str | None, data: bytes | None,
         elif fmt == "apVisit":
             visit = apogee.apvisit_parts(hdul, path)
     if fmt == "apStar":
-        return apogee.apstar_spectra(path, *star)
+        return apogee.apstar_spectra(path, *star) if arrays else apogee.apstar_meta(path, *star)
     if fmt == "apVisit":
-        return [apogee.apvisit_spectrum(path, *visit)]
+        return [apogee.apvisit_spectrum(path, *visit) if arrays else apogee.apvisit_meta(path, *visit)]
     if fmt in ("mwmStar", "mwmVisit"):
         from astra_dagster.spectra.mwm import read_mwm
 
-        return read_mwm(path)
-    from astra_dagster.spectra.boss import read_spec_lite
+        spectra = read_mwm(path)
+    else:
+        from astra_dagster.spectra.boss import read_spec_lite
 
-    return [read_spec_lite(path)]
+        spectra = [read_spec_lite(path)]
+    return spectra if arrays else [spectrum.meta for spectrum in spectra]

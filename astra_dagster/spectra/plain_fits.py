@@ -108,8 +108,29 @@ def _header_at(data: bytes, start: int) -> tuple[PlainHeader, int] | None:
     if end is None:
         return None
     data_start = end + _RECORD - (end - start) % _RECORD
-    if data[end + _CARD:data_start].strip(b" "):
+    if data.count(b" ", end + _CARD, data_start) != data_start - end - _CARD:
         return None  # something after END in the last record
+    extension = data.startswith(b"XTENSION= ", start)
+    if extension:
+        # an extension's header (XTENSION, BITPIX, NAXISn, BUNIT...) is the same in every file of
+        # a kind: parsed once per process, by its bytes
+        block = data[start:data_start]
+        known = _EXTENSION_HEADERS.get(block)
+        if known is not None:
+            return PlainHeader(known), data_start
+    parsed = _parse_header(data, start, end)
+    if parsed is not None and extension and len(_EXTENSION_HEADERS) < _EXTENSION_HEADERS_KEPT:
+        _EXTENSION_HEADERS[block] = PlainHeader(parsed)
+    return None if parsed is None else (parsed, data_start)
+
+
+#: Parsed extension headers by their bytes (a copy is handed out: callers may change theirs).
+_EXTENSION_HEADERS: dict[bytes, PlainHeader] = {}
+_EXTENSION_HEADERS_KEPT = 256
+
+
+def _parse_header(data: bytes, start: int, end: int) -> PlainHeader | None:
+    """The keyword values of the cards from ``start`` up to the END card at ``end``, or None."""
     try:
         text = data[start:end].decode("ascii")
     except UnicodeDecodeError:
@@ -147,7 +168,7 @@ def _header_at(data: bytes, start: int) -> tuple[PlainHeader, int] | None:
         if value is None:
             return None
         header[keyword] = value
-    return header, data_start
+    return header
 
 
 #: What one card says, by its 80 characters: most cards of a release's files are the same in

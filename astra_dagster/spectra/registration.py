@@ -3,14 +3,17 @@ every spectrum they hold (pure: no database; the spectra asset turns this into t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from astra_dagster.spectra.errors import SpectrumFormatError
-from astra_dagster.spectra.io import read_spectra
+from astra_dagster.spectra.io import read_spectra_meta
 from astra_dagster.spectra.manifest import sha256_file
 from astra_dagster.spectra.text import MAX_ID, MAX_NAME, MAX_PATH, UnsafeTextError, checked_text
 
@@ -21,6 +24,10 @@ READ_ONCE_BYTES = 256 << 20
 #: Values the spectrum table accepts for the readers' kind and frame (its check constraints).
 KINDS = ("visit", "stack")
 FRAMES = ("observed", "rest")
+
+
+#: What pathlib's ``exists()`` reads as "no such file" (any other error of os.stat is raised).
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 
 
 class RegistrationError(ValueError):
@@ -42,18 +49,25 @@ def spectrum_rows(
     if not files:
         raise RegistrationError(f"{source_id}: the release lists no files for this source")
     rows: list[dict[str, Any]] = []
-    release_root = Path(release_path).resolve()
+    # os.stat and os.path.realpath, not their pathlib forms: the same answers at half the cost,
+    # which counts a million times over
+    release_root = os.path.realpath(release_path)
+    inside = release_root.rstrip(os.sep) + os.sep
     for relative, fmt, sha256, size in files:
         path = Path(release_path) / relative
-        if path.exists() and not path.is_file():
+        try:
+            status = os.stat(path)
+        except OSError as exc:
+            if exc.errno not in _MISSING:
+                raise
+            raise RegistrationError(f"{path}: listed in the manifest but missing") from None
+        if not stat.S_ISREG(status.st_mode):
             raise RegistrationError(f"{path}: listed in the manifest but not a regular file")
-        if not path.is_file():
-            raise RegistrationError(f"{path}: listed in the manifest but missing")
         # The manifest's paths are checked to stay inside the release; a symbolic link must too
-        resolved = path.resolve()
-        if not resolved.is_relative_to(release_root):
+        resolved = os.path.realpath(path)
+        if resolved != release_root and not resolved.startswith(inside):
             raise RegistrationError(f"{path}: resolves outside the release folder ({resolved})")
-        on_disk = path.stat().st_size
+        on_disk = status.st_size
         data = path.read_bytes() if on_disk == size and size <= READ_ONCE_BYTES else None
         if data is not None:
             digest = hashlib.sha256(data).hexdigest() if verify_sha256 else sha256
@@ -62,16 +76,15 @@ def spectrum_rows(
         if on_disk != size or (data is not None and len(data) != size) or digest != sha256:
             raise RegistrationError(f"{path}: content differs from the manifest (changed after release)")
         try:
-            spectra = read_spectra(path, fmt or None, data=data)
+            metas = read_spectra_meta(path, fmt or None, data=data)
         except SpectrumFormatError as exc:
             raise RegistrationError(str(exc)) from exc
         try:
-            stored_path = checked_text(str(resolved), where=ascii(str(path))[1:-1], field="path",
+            stored_path = checked_text(resolved, where=ascii(str(path))[1:-1], field="path",
                                        max_length=MAX_PATH)
         except UnsafeTextError as exc:
             raise RegistrationError(str(exc)) from None
-        for spectrum in spectra:
-            meta = spectrum.meta
+        for meta in metas:
             try:
                 row = _header_strings(path, meta, stored_path)
             except UnsafeTextError as exc:
