@@ -240,6 +240,20 @@ METHODS: dict[str, Method] = {
 }
 
 
+def print_worst_rv(n: int, delta: list[float], crb: list[float], unc: list[float], snr: list,
+                   kinds: list, flags: list, ids: list) -> None:
+    """The ``n`` visits farthest from the truth in units of their own Cramér–Rao bound (a visit
+    without a velocity first): which visit a failing "max |dRV/CRB|" line is about."""
+    d, c = np.asarray(delta, dtype=float), np.asarray(crb, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.abs(d) / c
+    print(f"--- worst {n} in |dRV/CRB|")
+    for i in np.argsort(-np.nan_to_num(z, nan=np.inf))[:n]:
+        u = "none" if unc[i] is None else f"{unc[i]:.3g}"
+        print(f"{ids[i]} {kinds[i]:5s} S/N {snr[i]:.0f} flag {flags[i]} dRV {d[i]:+.3g} km/s  "
+              f"CRB {c[i]:.3g}  σ {u}  |dRV/CRB| {z[i]:.2f}")
+
+
 def print_worst(n: int, truth: dict, est: dict, snr: list, kinds: list, flags: list, ids: list,
                 stars: dict) -> None:
     """The ``n`` spectra whose worst label error is largest in units of that label's robust σ,
@@ -400,6 +414,8 @@ def main() -> None:
                 print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['target']} = {t['value']:.4g} ({bound})")
         if args.worst:
             print_worst(args.worst, truth, est, snr, kinds, flags, ids, stars)
+            if crb is not None:
+                print_worst_rv(args.worst, dv, crb, unc["vrel"], snr, kinds, flags, ids)
         per_spectrum = science_s / max(len(snr), 1)
         print(f"{per_spectrum * 1000:.1f} ms per spectrum ({len(snr)} spectra, {len(rows)} sources)")
         speed = None
