@@ -277,9 +277,9 @@ class TrainApogeeNet(AstraConfig):
 
     task_family: ClassVar[str] = "APOGEENet.TrainNetwork"
 
-    n_train: int = Field(default=3000, description="Training spectra (12000 for the full-size network).")
+    n_train: int = Field(default=4500, description="Training spectra (12000 for the full-size network).")
     seed: int = Field(default=0, description="Seed of the training set and the weights.")
-    epochs: int = Field(default=25, description="Epochs (60 for the full-size network).")
+    epochs: int = Field(default=30, description="Epochs (60 for the full-size network).")
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
