@@ -18,6 +18,10 @@ _BROADENING_DCHI2 = 25.0
 #: Smaller extra broadening is not applied: below ~2 LSF pixels it is degenerate with the
 #: templates' macroturbulence and label mismatch and did not improve velocities (measured).
 _MIN_VSINI = 12.0
+#: The broadening is re-measured at each broadened fit's labels, at most this many fits, until
+#: it moves by less than _ROTATION_TOLERANCE (km/s).
+_ROTATION_ROUNDS = 4
+_ROTATION_TOLERANCE = 1.0
 
 
 class _FreeDepthChi2:
