@@ -409,3 +409,25 @@ def test_template_selection_by_release() -> None:
         select_templates([gen], "release", False, "2M00: ")
     with pytest.raises(ValueError, match="templates must be one of"):
         select_templates(both, "best", True)
+
+
+def test_fit_star_measures_a_faint_visit_with_the_stars_template(emulator) -> None:
+    """A visit too faint to correlate with any template alone (NO_SIGNAL) is measured with the
+    star's template from its other visits; pure noise stays unmeasured."""
+    rng = np.random.default_rng(7)
+    labels = np.array([4700.0, 2.6, -0.4])
+    good = [toy_visit(labels, 12.0, 40, rng, continuum_seed=k) for k in range(2)]
+    faint = toy_visit(labels, 31.0, 0.9, rng, continuum_seed=3)
+    noise = toy_visit(labels, 31.0, 40, rng, continuum_seed=4)
+    noise.flux[:] = 900.0 + rng.normal(0, 900.0 / 50, noise.n_pixels)
+    alone = fit_visit(faint, emulator)
+    assert alone.flags & DopplerFlag.NO_SIGNAL and math.isnan(alone.vrel)
+    star = fit_star([*good, faint, noise], emulator)
+    rescued, still = star.visits[2], star.visits[3]
+    assert rescued.ok and rescued.flags & DopplerFlag.STAR_TEMPLATE and rescued.flags & DopplerFlag.WEAK_CCF
+    assert not rescued.flags & DopplerFlag.NO_SIGNAL and "star's template" in rescued.message
+    assert abs(rescued.vrel - 31.0) < 4 * rescued.u_vrel and rescued.u_vrel < 5.0
+    assert rescued.teff == star.teff and rescued.vhelio == pytest.approx(rescued.vrel)
+    assert still.flags & DopplerFlag.NO_SIGNAL and math.isnan(still.vrel)
+    assert star.n_visits == 4 and star.n_good_visits == 3
+    assert star.vhelio == pytest.approx(12.0, abs=0.1)

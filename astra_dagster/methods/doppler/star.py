@@ -8,18 +8,27 @@ from typing import Any
 
 import numpy as np
 
+from astra_dagster.methods.doppler.ccf import _ccf
 from astra_dagster.methods.doppler.emulator import Emulator
 from astra_dagster.methods.doppler.fit import (
+    _bounds,
     _edge_flags,
     _fine_rv,
     _fit_visit_state,
     _judge,
     _own_peak,
     _rv_doubts,
+    _VisitFit,
 )
-from astra_dagster.methods.doppler.flags import FATAL_FLAGS, HIGH_CHISQ, DopplerError, DopplerFlag
+from astra_dagster.methods.doppler.flags import (
+    FATAL_FLAGS,
+    HIGH_CHISQ,
+    STAR_TEMPLATE_SIGNAL,
+    DopplerError,
+    DopplerFlag,
+)
 from astra_dagster.methods.doppler.floors import _floor_vector, error_floors
-from astra_dagster.methods.doppler.lm import _lm_normal
+from astra_dagster.methods.doppler.lm import _levenberg_marquardt, _lm_normal
 from astra_dagster.methods.doppler.model import _VisitModel
 from astra_dagster.methods.doppler.prepare import as_emulators
 from astra_dagster.methods.doppler.results import StarRV, VisitRV
@@ -57,6 +66,57 @@ def _joint_normal(models: list[_VisitModel]) -> Any:
         return chi2, a_mat, g, np.empty(0)
 
     return fun, split, offsets
+
+
+def _with_star_template(state: _VisitFit, base: Emulator, labels: np.ndarray, u_labels: np.ndarray,
+                        vsini: float, vrange: float, judge: bool) -> VisitRV | None:
+    """A visit with no significant correlation of its own (``NO_SIGNAL``) measured with the
+    star's template: the joint fit's labels and broadening, matched to this visit's LSF. Only
+    the velocity and the continuum are fitted. None when that template finds no peak either
+    (below :data:`STAR_TEMPLATE_SIGNAL`, or at the edge of ±``vrange``) or the fit fails."""
+    prep, old = state.prep, state.result
+    if prep is None:
+        return None
+    em = state.match(base) if state.match is not None else base
+    peak = _ccf(prep, [em], vrange, only=(em, labels), vsini=vsini)[0]
+    if peak.edge or peak.significance < STAR_TEMPLATE_SIGNAL:
+        return None
+    try:
+        model = _VisitModel(prep, em, peak.vrel, vsini=vsini)
+        coef, _ = model.solve_continuum(labels, peak.vrel)
+        p0 = np.concatenate([labels, [peak.vrel], coef])
+        free = np.ones(model.n_params, dtype=bool)
+        free[:3] = False
+        lower, upper = _bounds(em, model.n_params, peak.vrel, vrange)
+        res = _levenberg_marquardt(model.residuals, p0, free, lower, upper)
+    except DopplerError:
+        return None
+    var_v = float(res.cov[3, 3])
+    if not (math.isfinite(var_v) and var_v > 0):
+        return None
+    chisq = res.chi2 / max(model.n_used - int(free.sum()), 1)
+    u_v = math.sqrt(var_v) * math.sqrt(max(chisq, 1.0))
+    vrel, scan_edge = _fine_rv(model, res.p, u_v)
+    u_v = math.hypot(u_v, error_floors(em)["vrel"])
+    flags = (old.flags & ~int(DopplerFlag.NO_SIGNAL)) | DopplerFlag.WEAK_CCF | DopplerFlag.STAR_TEMPLATE
+    if scan_edge:
+        flags |= DopplerFlag.RV_SCAN_EDGE
+    if not res.converged:
+        flags |= DopplerFlag.NOT_CONVERGED
+    if chisq > HIGH_CHISQ:
+        flags |= DopplerFlag.HIGH_CHISQ
+    if judge:  # the star's template's own peak is this visit's CCF peak
+        flags |= _rv_doubts(vrel, peak.vrel, peak.sigma_v, chisq, old.snr)
+    visit = VisitRV(
+        vrel=vrel, u_vrel=u_v, teff=float(labels[0]), u_teff=float(u_labels[0]),
+        logg=float(labels[1]), u_logg=float(u_labels[1]), fe_h=float(labels[2]),
+        u_fe_h=float(u_labels[2]), chisq=float(chisq), bc=old.bc, vhelio=vrel + old.bc,
+        flags=int(flags), snr=old.snr, template=em.name, n_pixels=model.n_used,
+        ccf_vrel=peak.vrel, u_ccf_vrel=peak.sigma_v, vsini=vsini,
+        message=(f"{prep.source}: no significant correlation with any template alone; measured with the "
+                 f"star's template (peak significance {peak.significance:.1f} >= {STAR_TEMPLATE_SIGNAL:g})"),
+    )
+    return _judge(visit) if judge else visit
 
 
 def _star_failed(visits: list[VisitRV], flags: int, message: str) -> StarRV:
@@ -184,8 +244,16 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         )
         results[i] = _judge(visit, edge_shift) if reject_doubtful else visit
 
-    vh = np.array([results[i].vhelio for i in good])
-    uv = np.array([results[i].u_vrel for i in good])
+    # Visits too faint to correlate alone: the star's template from its other visits.
+    measured = list(good)
+    for i, st in enumerate(states):
+        if i not in good and st.result.flags & DopplerFlag.NO_SIGNAL:
+            rescued = _with_star_template(st, base, res.p[:3], u_labels, vsini, vrange, reject_doubtful)
+            if rescued is not None:
+                results[i] = rescued
+                measured.append(i)
+    vh = np.array([results[i].vhelio for i in measured])
+    uv = np.array([results[i].u_vrel for i in measured])
     ok = np.isfinite(vh) & np.isfinite(uv) & (uv > 0)
     if np.any(ok):
         wv = 1.0 / uv[ok] ** 2
@@ -193,7 +261,7 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         u_vhelio = float(math.sqrt(1.0 / np.sum(wv)))
     else:
         vhelio = u_vhelio = math.nan
-        rejected = all(results[i].flags & DopplerFlag.BAD_RV for i in good)
+        rejected = all(results[i].flags & DopplerFlag.BAD_RV for i in measured)
         star_flags |= DopplerFlag.NO_GOOD_VISITS if rejected else DopplerFlag.NO_BC
     vscatter = float(np.std(vh[ok])) if ok.sum() >= 2 else math.nan
     for r in results:
@@ -202,6 +270,6 @@ def fit_star(visits: Sequence[Spectrum], templates: Emulator | Sequence[Emulator
         visits=results, vhelio=vhelio, u_vhelio=u_vhelio, vscatter=vscatter,
         teff=float(res.p[0]), u_teff=float(u_labels[0]), logg=float(res.p[1]),
         u_logg=float(u_labels[1]), fe_h=float(res.p[2]), u_fe_h=float(u_labels[2]),
-        chisq=float(chisq), n_visits=len(results), n_good_visits=len(good), flags=int(star_flags),
+        chisq=float(chisq), n_visits=len(results), n_good_visits=len(measured), flags=int(star_flags),
         template=emulator.name, vsini=vsini,
     )
