@@ -16,12 +16,18 @@ The flow follows Doppler's ``fit_cannon`` (reference/methods.md §2.1) with a Ca
    Jacobian, then 5σ outlier rejection and a refit. Doubtful fits (labels on a range limit,
    no convergence, ambiguous CCF) are repeated from other templates; the lowest χ² wins.
 6. **rotation** — the extra rotational broadening that best fits the line shapes (depths
-   free); when it is significant the joint fit is repeated with broadened templates.
+   free); when it is significant the joint fit is repeated with broadened templates, and the
+   broadening measured again at the new labels until it settles. A fit left on a label limit
+   has the other families' fits broadened too, and the lowest χ² wins.
 7. **fine RV** — χ²(v) on a fine grid around the solution at fixed labels (continuum re-solved
    at every v), minimum from a parabola.
 8. **verdict** — an RV more than max(10 km/s, 5σ) from its CCF peak (``CCF_MISMATCH``), a label
    on its template limit (``LABEL_AT_EDGE``) or residuals beyond the noise above 5 % of the
    continuum (``POOR_MATCH``) make the RV untrusted: ``BAD_RV`` (fatal), NaN velocity and labels.
+
+:func:`fit_star` fits a star's measured visits jointly (common labels, one RV per visit) and
+then measures a visit with no signal of its own (``NO_SIGNAL``) with the star's template, its
+velocity and continuum only (``STAR_TEMPLATE``).
 
 Uncertainties come from the inverse of JᵀWJ at the solution, inflated by √χ²_red when the
 model does not describe the data to the noise level, plus (in quadrature) the templates'
