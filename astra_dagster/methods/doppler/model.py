@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import sparse
 
 from astra_dagster.methods.doppler.emulator import Emulator
 from astra_dagster.methods.doppler.flags import CONTINUUM_ORDER, DopplerError
@@ -35,12 +34,16 @@ def _cubic_weights(t: np.ndarray, derivative: bool = True) -> tuple[np.ndarray, 
     return w, dw
 
 
-def _interpolator(k: np.ndarray, weights: np.ndarray, n_grid: int) -> sparse.csr_matrix:
-    """Sparse (n_pixels, n_grid) matrix applying 4-point weights around grid index k."""
-    n = k.size
-    cols = (k[:, None] + _OFFSETS).ravel()
-    indptr = np.arange(0, 4 * n + 1, 4)
-    return sparse.csr_matrix((weights.ravel(), cols, indptr), shape=(n, n_grid))
+def _interpolate(k: np.ndarray, weights: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Σ_j weights[:, j] · g[k + j − 1]: 4-point interpolation of grid values ``g`` ((n_grid,) or
+    (n_grid, m)) around grid index k (every k within 1..n_grid − 3, as :meth:`_VisitModel._positions`
+    guarantees). Plain gathers: building a sparse matrix per call cost more than the products."""
+    if g.ndim == 2:
+        weights = weights[:, :, None]
+    out = weights[:, 0] * g[k - 1]
+    for j in range(1, 4):
+        out += weights[:, j] * g[k + j - 1]
+    return out
 
 
 class _VisitModel:
@@ -150,11 +153,11 @@ class _VisitModel:
         else:
             g = self._emulate(lo, hi, em.label_vector(labels))
         w, dw = _cubic_weights(t, derivative=g.ndim == 2)
-        vals = _interpolator(k, w, g.shape[0]) @ g
+        vals = _interpolate(k, w, g)
         if g.ndim == 1:
             return vals, None, None
         assert dw is not None
-        dflux_du = _interpolator(k, dw, g.shape[0]) @ g[:, 0]
+        dflux_du = _interpolate(k, dw, g[:, 0])
         dflux_dv = dflux_du * (-1.0 / em.ln_step) / (C_KMS + v)
         return vals[:, 0], vals[:, 1:], dflux_dv
 
@@ -193,7 +196,7 @@ class _VisitModel:
         k, t, lo, hi = self._positions(v)
         w, _ = _cubic_weights(t, derivative=False)
         theta = self.em.theta[lo:hi] if self._half == 0 else self._emulate(lo, hi, np.eye(self.em.theta.shape[1]))
-        basis = _interpolator(k, w, hi - lo) @ theta
+        basis = _interpolate(k, w, theta)
 
         def fun(p: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
             if jacobian:
