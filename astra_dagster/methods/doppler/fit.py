@@ -330,8 +330,7 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         except DopplerError as exc:
             errors.append(str(exc))
             return
-        dof = max(model.n_used - int(free.sum()), 1)
-        fits.append((res.chi2 / dof, len(fits), model, res, free, cand))
+        fits.append((_reduced_chi2(model, res, free), len(fits), model, res, free, cand))
 
     attempt(ccf)
     v_first = fits[0][3].p[3] if fits else ccf.vrel
@@ -369,16 +368,15 @@ def _fit_visit_state(spectrum: Spectrum, emulators: list[Emulator], vrange: floa
         best = _reduced_chi2(model, res, free)
         for _, _, other, res_o, free_o, ccf_o in ranked[1:]:
             other, res_o, vsini_o = _rotate(prep, other, res_o, free_o, vrange)
-            if _reduced_chi2(other, res_o, free_o) < best:
-                model, res, free, ccf, vsini = other, res_o, free_o, ccf_o, vsini_o
-                best = _reduced_chi2(model, res, free)
+            chisq_o = _reduced_chi2(other, res_o, free_o)
+            if chisq_o < best:
+                model, res, free, ccf, vsini, best = other, res_o, free_o, ccf_o, vsini_o, chisq_o
     if ccf.significance < _WEAK_CCF:
         flags |= DopplerFlag.WEAK_CCF
     emulator = model.em
 
     n = model.n_used
-    dof = max(n - int(np.sum(free)), 1)
-    chisq = res.chi2 / dof
+    chisq = _reduced_chi2(model, res, free)
     if not res.converged:
         flags |= DopplerFlag.NOT_CONVERGED
     if chisq > HIGH_CHISQ:

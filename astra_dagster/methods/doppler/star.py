@@ -17,6 +17,7 @@ from astra_dagster.methods.doppler.fit import (
     _fit_visit_state,
     _judge,
     _own_peak,
+    _reduced_chi2,
     _rv_doubts,
     _VisitFit,
 )
@@ -94,7 +95,7 @@ def _with_star_template(state: _VisitFit, base: Emulator, labels: np.ndarray, u_
     var_v = float(res.cov[3, 3])
     if not (math.isfinite(var_v) and var_v > 0):
         return None
-    chisq = res.chi2 / max(model.n_used - int(free.sum()), 1)
+    chisq = _reduced_chi2(model, res, free)
     u_v = math.sqrt(var_v) * math.sqrt(max(chisq, 1.0))
     vrel, scan_edge = _fine_rv(model, res.p, u_v)
     u_v = math.hypot(u_v, error_floors(em)["vrel"])
